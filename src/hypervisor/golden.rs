@@ -1,0 +1,87 @@
+//! Golden states: a platform booted once and saved running, from which every clone is restored.
+//!
+//! Layout: `golden/<platform>-<key>/{disk.qcow2, state.save, console.log, golden.json}`. `golden.json`
+//! is written last and atomically, so a directory without it is an interrupted preparation and is
+//! wiped before the next attempt. The disk and the state are made read-only once saved; their
+//! digests are recorded and are what a report names.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Accel, HypervisorError, saveimage};
+
+/// Bumped when the way golden states are made changes, so old ones are not reused.
+pub const GOLDEN_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum GoldenOrigin {
+    /// Booted from a patchlab image recipe.
+    Image { recipe: String, recipe_digest: String, image_disk_sha256: String },
+    /// Taken from a libvirt domain's snapshot the user already had.
+    DomainSnapshot { domain: String, snapshot: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenRecord {
+    pub format: u32,
+    pub platform: String,
+    pub origin: GoldenOrigin,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub domain_name: String,
+    pub domain_uuid: String,
+    pub disk: PathBuf,
+    pub console: PathBuf,
+    pub disk_sha256: String,
+    pub state_sha256: String,
+    pub boot_ms: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Golden {
+    pub dir: PathBuf,
+    pub record: GoldenRecord,
+    pub header: saveimage::SaveHeader,
+}
+
+impl Golden {
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("state.save")
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Golden>, HypervisorError> {
+        let record_path = dir.join("golden.json");
+        let text = match std::fs::read_to_string(&record_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HypervisorError::io(format!("read {}", record_path.display()))(e)),
+        };
+        let record: GoldenRecord = serde_json::from_str(&text).map_err(|e| HypervisorError::Golden { platform: dir.display().to_string(), reason: format!("{} is unreadable: {e}", record_path.display()) })?;
+        let header = saveimage::read_header(&dir.join("state.save"))?;
+        Ok(Some(Golden { dir: dir.to_path_buf(), record, header }))
+    }
+
+    pub fn store(dir: &Path, record: &GoldenRecord) -> Result<(), HypervisorError> {
+        let tmp = dir.join("golden.json.tmp");
+        let text = serde_json::to_string_pretty(record).expect("record serializes");
+        std::fs::write(&tmp, text).map_err(HypervisorError::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, dir.join("golden.json")).map_err(HypervisorError::io(format!("rename {}", tmp.display())))
+    }
+
+    /// Recomputes the digests of the disk and state and compares them with the record.
+    pub fn verify_digests(&self) -> Result<(), HypervisorError> {
+        let disk = super::sha256_file(&self.record.disk)?;
+        let state = super::sha256_file(&self.state_path())?;
+        if disk != self.record.disk_sha256 || state != self.record.state_sha256 {
+            return Err(HypervisorError::Golden {
+                platform: self.record.platform.clone(),
+                reason: format!("golden files in {} changed since they were saved (disk {disk}, state {state}); delete the directory to rebuild", self.dir.display()),
+            });
+        }
+        Ok(())
+    }
+}

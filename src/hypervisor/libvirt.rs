@@ -1,0 +1,359 @@
+//! The libvirt backend: golden states, clones restored from them, and reaping of leftovers.
+//! Every call here blocks; async callers run it with `spawn_blocking`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+
+use super::domain_xml::{self, BootSpec, Identity};
+use super::golden::{GOLDEN_FORMAT, Golden, GoldenOrigin, GoldenRecord};
+use super::{Accel, Dirs, HypervisorError, Machine, create_overlay, runlock, saveimage, sha256_file};
+use crate::guest::{Agent, AgentChannel, AgentError};
+use crate::image::BuiltImage;
+
+/// Names of every domain patchlab creates start with this; nothing else is ever touched.
+pub const NAME_PREFIX: &str = "patchlab-";
+/// Cold boot under TCG takes 30–80 s on a 2-core host; leave room for a loaded machine.
+const BOOT_DEADLINE: Duration = Duration::from_secs(600);
+
+static QUIET: Once = Once::new();
+
+pub struct LibvirtHost {
+    pub uri: String,
+    conn: Connect,
+    pub dirs: Dirs,
+}
+
+impl LibvirtHost {
+    pub fn connect(uri: &str, dirs: Dirs) -> Result<LibvirtHost, HypervisorError> {
+        // Without this libvirt prints every error, expected ones included, on stderr.
+        QUIET.call_once(virt::error::clear_error_callback);
+        let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Connect { uri: uri.into(), message: e.message().to_string() })?;
+        Ok(LibvirtHost { uri: uri.into(), conn, dirs })
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<Domain> {
+        self.conn.lookup_domain_by_name(name).ok()
+    }
+
+    /// Returns the golden state of an image platform, booting and saving it once if needed.
+    pub fn golden_from_image(&self, platform: &str, image: &BuiltImage, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
+        let key = golden_key(&[&image.recipe_digest, accel.as_str(), &image.disk_sha256]);
+        let dir = self.dirs.golden().join(format!("{platform}-{key}"));
+        let origin = GoldenOrigin::Image { recipe: image.recipe.name.clone(), recipe_digest: image.recipe_digest.clone(), image_disk_sha256: image.disk_sha256.clone() };
+        let boot = BootPlan { backing: image.disk.clone(), kernel: Some((image.kernel.clone(), image.initrd.clone(), image.cmdline.clone())), memory_mib: image.recipe.memory_mib, vcpus: image.recipe.vcpus, services: image.recipe.services.clone() };
+        self.golden(platform, &dir, origin, boot, accel, run_id, cancel)
+    }
+
+    fn golden(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
+        if let Some(golden) = Golden::load(dir)? {
+            return Ok(golden);
+        }
+        let parent = self.dirs.golden();
+        std::fs::create_dir_all(&parent).map_err(HypervisorError::io(format!("create {}", parent.display())))?;
+        let lock_path = dir.with_extension("lock");
+        let lock = std::fs::File::create(&lock_path).map_err(HypervisorError::io(format!("create {}", lock_path.display())))?;
+        lock.lock().map_err(HypervisorError::io(format!("lock {}", lock_path.display())))?;
+        // Another process may have finished it while this one waited for the lock.
+        if let Some(golden) = Golden::load(dir)? {
+            return Ok(golden);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
+        let result = self.boot_and_save(platform, dir, origin, boot, accel, run_id, cancel);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn boot_and_save(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
+        let started = Instant::now();
+        let disk = dir.join("disk.qcow2");
+        create_overlay(&boot.backing, &disk)?;
+        let identity = Identity {
+            name: format!("{NAME_PREFIX}golden-{}", dir.file_name().unwrap_or_default().to_string_lossy()),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            disk: disk.clone(),
+            console: dir.join("console.log"),
+            ports: vec![],
+        };
+        let (kernel, initrd, cmdline) = boot.kernel.clone().expect("image platforms boot their kernel directly");
+        let spec = BootSpec { identity: identity.clone(), accel, memory_mib: boot.memory_mib, vcpus: boot.vcpus, kernel, initrd, cmdline };
+        let xml = domain_xml::boot_xml(&spec, run_id, "golden");
+        tracing::info!(platform, accel = accel.as_str(), "booting golden state (first use of this image; cached afterwards)");
+        let domain = self.conn.create_domain_xml(&xml, 0).map_err(HypervisorError::libvirt(format!("start golden domain {}", identity.name)))?;
+        let guard = DestroyOnDrop(Some(domain.clone()));
+        let channel = DomainChannel(domain.clone());
+        let agent = Agent::new(&channel, cancel.clone());
+        let agent_err = |e: AgentError| HypervisorError::Golden { platform: platform.into(), reason: format!("{e} (console log: {})", identity.console.display()) };
+        agent.wait_ready(BOOT_DEADLINE).map_err(agent_err)?;
+        wait_booted(&agent, &boot.services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
+        agent.run_ok("/bin/sync", &[], Duration::from_secs(60)).map_err(agent_err)?;
+        let boot_ms = started.elapsed().as_millis() as u64;
+        let state = dir.join("state.save");
+        save_running(&domain, &state)?;
+        std::mem::forget(guard); // a saved transient domain no longer exists
+        for file in [&disk, &state] {
+            make_read_only(file)?;
+        }
+        let record = GoldenRecord {
+            format: GOLDEN_FORMAT,
+            platform: platform.into(),
+            origin,
+            accel,
+            memory_mib: boot.memory_mib,
+            domain_name: identity.name.clone(),
+            domain_uuid: identity.uuid.clone(),
+            disk: disk.clone(),
+            console: identity.console.clone(),
+            disk_sha256: sha256_file(&disk)?,
+            state_sha256: sha256_file(&state)?,
+            boot_ms,
+            created_at: jiff::Timestamp::now().to_string(),
+        };
+        Golden::store(dir, &record)?;
+        tracing::info!(platform, boot_ms, "golden state saved");
+        Golden::load(dir)?.ok_or_else(|| HypervisorError::Golden { platform: platform.into(), reason: "golden.json vanished".into() })
+    }
+
+    /// Restores a clone of `golden` under its own name, UUID, overlay, console and ports.
+    pub fn restore_clone(&self, golden: &Golden, run_id: &str, clone_name: &str, guest_ports: &[u16]) -> Result<LibvirtClone, HypervisorError> {
+        assert!(clone_name.starts_with(NAME_PREFIX), "clone names start with {NAME_PREFIX}");
+        let dir = self.dirs.clones().join(run_id).join(clone_name);
+        std::fs::create_dir_all(&dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
+        // From here on the clone owns `dir`: dropping it on an early return removes everything.
+        let mut clone = LibvirtClone { name: clone_name.into(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log") };
+        let disk = dir.join("disk.qcow2");
+        create_overlay(&golden.record.disk, &disk)?;
+        clone.ports = guest_ports.iter().map(|g| free_port().map(|h| (h, *g))).collect::<Result<_, _>>()?;
+        let identity = Identity { name: clone_name.into(), uuid: uuid::Uuid::new_v4().to_string(), disk, console: clone.console.clone(), ports: clone.ports.clone() };
+        let golden_identity = Identity { name: golden.record.domain_name.clone(), uuid: golden.record.domain_uuid.clone(), disk: golden.record.disk.clone(), console: golden.record.console.clone(), ports: vec![] };
+        let xml = domain_xml::clone_xml(&golden.header.xml, &golden_identity, &identity, run_id)?;
+        let state = dir.join("state.save");
+        saveimage::write_with_xml(&golden.state_path(), &golden.header, &xml, &state)?;
+        let restored = self.conn.restore_domain_flags(&state.to_string_lossy(), None, virt::sys::VIR_DOMAIN_SAVE_RUNNING);
+        let _ = std::fs::remove_file(&state);
+        restored.map_err(HypervisorError::libvirt(format!("restore clone {clone_name}")))?;
+        let domain = self.conn.lookup_domain_by_name(clone_name).map_err(HypervisorError::libvirt(format!("find restored clone {clone_name}")))?;
+        clone.channel = Some(DomainChannel(domain.clone()));
+        clone.domain = Some(domain);
+        Ok(clone)
+    }
+
+    /// Destroys `patchlab-` domains and removes clone directories of runs that are no longer alive.
+    pub fn reap(&self) -> Result<Vec<String>, HypervisorError> {
+        let mut reaped = Vec::new();
+        let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
+        for domain in domains {
+            let Ok(name) = domain.name() else { continue };
+            if !name.starts_with(NAME_PREFIX) {
+                continue;
+            }
+            let run = domain.metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_URI), 0).ok().and_then(|m| between(&m, "<patchlab:run>", "</patchlab:run>"));
+            match run {
+                Some(run) if runlock::is_alive(&self.dirs, &run) => continue,
+                // A patchlab- name without our metadata was not made by patchlab: leave it alone.
+                None => continue,
+                Some(_) => {}
+            }
+            let _ = domain.destroy();
+            let _ = domain.undefine();
+            reaped.push(name);
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dirs.clones()) {
+            for entry in entries.flatten() {
+                let run = entry.file_name().to_string_lossy().into_owned();
+                if !runlock::is_alive(&self.dirs, &run) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                    reaped.push(entry.path().display().to_string());
+                }
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Names of every `patchlab-` domain on the host, running or defined.
+    pub fn patchlab_domains(&self) -> Result<Vec<String>, HypervisorError> {
+        let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
+        Ok(domains.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(NAME_PREFIX)).collect())
+    }
+}
+
+struct BootPlan {
+    backing: PathBuf,
+    kernel: Option<(PathBuf, PathBuf, String)>,
+    memory_mib: u32,
+    vcpus: u32,
+    services: Vec<String>,
+}
+
+fn between(s: &str, start: &str, end: &str) -> Option<String> {
+    let a = s.find(start)? + start.len();
+    let b = s[a..].find(end)? + a;
+    Some(s[a..b].to_string())
+}
+
+fn golden_key(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(GOLDEN_FORMAT.to_le_bytes());
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())[..16].to_string()
+}
+
+/// Waits until systemd has finished booting and every named service is active.
+fn wait_booted(agent: &Agent<'_>, services: &[String], deadline: Duration) -> Result<(), AgentError> {
+    let started = Instant::now();
+    loop {
+        let state = agent.exec(&crate::guest::ExecRequest::new("/bin/systemctl", &["is-system-running"], Duration::from_secs(30)))?;
+        let state = state.stdout.text.trim().to_string();
+        let booted = matches!(state.as_str(), "running" | "degraded");
+        let mut inactive = Vec::new();
+        if booted {
+            for service in services {
+                let r = agent.exec(&crate::guest::ExecRequest::new("/bin/systemctl", &["is-active", service], Duration::from_secs(30)))?;
+                if !r.success() {
+                    inactive.push(service.clone());
+                }
+            }
+            if inactive.is_empty() {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > deadline {
+            return Err(AgentError::Refused { command: "guest-exec", message: format!("the guest did not finish booting in {deadline:?}: system state {state:?}, services not active: {inactive:?}") });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn save_running(domain: &Domain, to: &Path) -> Result<(), HypervisorError> {
+    let path = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(|_| HypervisorError::Golden { platform: to.display().to_string(), reason: "path contains NUL".into() })?;
+    // virt 0.5 has no safe wrapper for virDomainSaveFlags.
+    let rc = unsafe { virt::sys::virDomainSaveFlags(domain.as_ptr(), path.as_ptr(), std::ptr::null(), virt::sys::VIR_DOMAIN_SAVE_RUNNING) };
+    if rc < 0 {
+        return Err(HypervisorError::Libvirt { action: format!("save running state to {}", to.display()), message: virt::error::Error::last_error().message().to_string() });
+    }
+    Ok(())
+}
+
+fn make_read_only(path: &Path) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(HypervisorError::io(format!("make {} read-only", path.display())))
+}
+
+/// A free TCP port on 127.0.0.1, as the kernel hands it out; passt binds it right after.
+fn free_port() -> Result<u16, HypervisorError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(HypervisorError::io("find a free port on 127.0.0.1"))?;
+    Ok(listener.local_addr().map_err(HypervisorError::io("find a free port"))?.port())
+}
+
+struct DestroyOnDrop(Option<Domain>);
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = d.destroy();
+        }
+    }
+}
+
+/// The guest agent reached through libvirt's `virDomainQemuAgentCommand`.
+pub struct DomainChannel(pub Domain);
+
+impl AgentChannel for DomainChannel {
+    fn call(&self, request: &str, timeout: Duration) -> Result<String, AgentError> {
+        let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        self.0.qemu_agent_command(request, secs, 0).map_err(|e| {
+            if e.code().is(ErrorNumber::AgentCommandTimeout) {
+                AgentError::Timeout(timeout)
+            } else if e.code().is(ErrorNumber::AgentCommandFailed) {
+                AgentError::Refused { command: "agent", message: e.message().to_string() }
+            } else {
+                AgentError::Unreachable(e.message().to_string())
+            }
+        })
+    }
+}
+
+/// A running clone. Dropping it destroys the domain and removes its directory.
+pub struct LibvirtClone {
+    name: String,
+    dir: PathBuf,
+    domain: Option<Domain>,
+    channel: Option<DomainChannel>,
+    ports: Vec<(u16, u16)>,
+    console: PathBuf,
+    torn_down: bool,
+}
+
+impl LibvirtClone {
+    pub fn domain(&self) -> Option<&Domain> {
+        self.domain.as_ref()
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Machine for LibvirtClone {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn agent_channel(&self) -> &dyn AgentChannel {
+        self.channel.as_ref().expect("a restored clone has a channel")
+    }
+
+    fn host_port(&self, guest_port: u16) -> Option<u16> {
+        self.ports.iter().find(|(_, g)| *g == guest_port).map(|(h, _)| *h)
+    }
+
+    fn console_log(&self) -> Option<&Path> {
+        Some(&self.console)
+    }
+
+    fn teardown(&mut self) -> Result<(), HypervisorError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        self.channel = None;
+        let mut result = Ok(());
+        if let Some(domain) = self.domain.take() {
+            if let Err(e) = domain.destroy() {
+                if !e.code().is(ErrorNumber::NoDomain) && domain.is_active().unwrap_or(false) {
+                    result = Err(HypervisorError::libvirt(format!("destroy clone {}", self.name))(e));
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound && result.is_ok() {
+                result = Err(HypervisorError::io(format!("remove {}", self.dir.display()))(e));
+            }
+        }
+        // The run directory goes when its last clone does.
+        if let Some(run_dir) = self.dir.parent() {
+            let _ = std::fs::remove_dir(run_dir);
+        }
+        result
+    }
+}
+
+impl Drop for LibvirtClone {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!(clone = %self.name, "teardown failed: {e}");
+        }
+    }
+}

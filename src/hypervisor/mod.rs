@@ -1,0 +1,117 @@
+//! The seam to the hypervisor. Only this module talks to libvirt; everything above works through
+//! [`Machine`] and [`CloneSource`], so orchestration can be tested with fakes.
+
+pub mod accel;
+pub mod domain_xml;
+pub mod golden;
+pub mod libvirt;
+pub mod runlock;
+pub mod saveimage;
+
+use std::path::{Path, PathBuf};
+
+pub use accel::{Accel, AccelChoice, AccelDecision};
+
+use crate::guest::AgentChannel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("connect to libvirt at {uri}: {message}; is libvirtd running? (`cargo xtask lab` starts it, or run `virtlogd -d && libvirtd -d`)")]
+    Connect { uri: String, message: String },
+    #[error("{action}: {message}")]
+    Libvirt { action: String, message: String },
+    #[error("{action}: {source}")]
+    Io { action: String, #[source] source: std::io::Error },
+    #[error("run `{command}`: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error(transparent)]
+    SaveImage(#[from] saveimage::SaveImageError),
+    #[error(transparent)]
+    Rewrite(#[from] domain_xml::RewriteError),
+    #[error(transparent)]
+    Accel(#[from] accel::AccelError),
+    #[error("prepare golden state of {platform}: {reason}")]
+    Golden { platform: String, reason: String },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl HypervisorError {
+    pub fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> HypervisorError {
+        let action = action.into();
+        move |source| HypervisorError::Io { action, source }
+    }
+
+    pub fn libvirt(action: impl Into<String>) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+        let action = action.into();
+        move |e| HypervisorError::Libvirt { action, message: e.message().to_string() }
+    }
+}
+
+/// One running throwaway machine, owned by one cell. Dropping it tears it down.
+pub trait Machine: Send + Sync {
+    fn name(&self) -> &str;
+    fn agent_channel(&self) -> &dyn AgentChannel;
+    /// The 127.0.0.1 port on the host forwarded to `guest_port`, if it is forwarded.
+    fn host_port(&self, guest_port: u16) -> Option<u16>;
+    fn console_log(&self) -> Option<&Path>;
+    /// Destroys the machine and removes its files. Idempotent.
+    fn teardown(&mut self) -> Result<(), HypervisorError>;
+}
+
+/// Where clones come from: one prepared golden state per platform.
+pub trait CloneSource: Send + Sync {
+    fn clone_machine(&self, platform: &str, clone_name: &str, guest_ports: &[u16]) -> Result<Box<dyn Machine>, HypervisorError>;
+}
+
+/// Runs an external tool, with its stderr in the error.
+pub fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, HypervisorError> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(HypervisorError::io(format!("start {program}")))?;
+    if !out.status.success() {
+        let command = std::iter::once(program.to_string()).chain(args.iter().map(|a| a.to_string_lossy().into_owned())).collect::<Vec<_>>().join(" ");
+        return Err(HypervisorError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Creates a qcow2 overlay whose backing file is `backing` (never written through the overlay).
+pub fn create_overlay(backing: &Path, overlay: &Path) -> Result<(), HypervisorError> {
+    run_tool("qemu-img", &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref(), "qcow2".as_ref(), "-b".as_ref(), backing.as_os_str(), overlay.as_os_str()]).map(drop)
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, HypervisorError> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).map_err(HypervisorError::io(format!("open {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(HypervisorError::io(format!("read {}", path.display())))?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The directory tree patchlab keeps outside the repository.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub root: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(root: PathBuf) -> Self {
+        Dirs { root }
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn golden(&self) -> PathBuf {
+        self.root.join("golden")
+    }
+    pub fn clones(&self) -> PathBuf {
+        self.root.join("clones")
+    }
+    pub fn runs(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+}

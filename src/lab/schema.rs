@@ -1,0 +1,96 @@
+//! The lab file as written: strict, so a typo is an error and not a silently ignored key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLab {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub platforms: BTreeMap<String, RawPlatform>,
+    #[serde(default)]
+    pub patches: BTreeMap<String, RawPatch>,
+    #[serde(default)]
+    pub checks: BTreeMap<String, RawCheck>,
+    #[serde(default)]
+    pub settings: RawSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlatform {
+    pub image: Option<Spanned<String>>,
+    pub domain: Option<Spanned<String>>,
+    pub snapshot: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPatch {
+    pub kind: Spanned<RawPatchKind>,
+    #[serde(default)]
+    pub files: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub package_trees: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum RawPatchKind {
+    Deb,
+}
+
+/// A check as written: one flat table whose `kind` decides which other keys apply.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    pub kind: Spanned<RawCheckKind>,
+    pub port: Option<Spanned<u16>>,
+    pub path: Option<Spanned<String>>,
+    pub status: Option<Spanned<u16>>,
+    pub body_contains: Option<Spanned<String>>,
+    pub argv: Option<Spanned<Vec<String>>>,
+    pub exit_code: Option<Spanned<i64>>,
+    pub stdout_contains: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub retries: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawCheckKind {
+    Http,
+    Tcp,
+    Command,
+}
+
+/// What a smoke check looks at.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CheckKind {
+    /// An HTTP request from the host through the clone's forwarded port.
+    Http { port: u16, path: String, status: u16, body_contains: Option<String> },
+    /// A TCP connection from the host through the forwarded port.
+    Tcp { port: u16 },
+    /// A command in the guest (no shell), by exit status and optionally stdout.
+    Command { argv: Vec<String>, exit_code: i64, stdout_contains: Option<String> },
+}
+
+impl CheckKind {
+    pub fn guest_port(&self) -> Option<u16> {
+        match self {
+            CheckKind::Http { port, .. } | CheckKind::Tcp { port } => Some(*port),
+            CheckKind::Command { .. } => None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    pub install_timeout: Option<Spanned<String>>,
+    pub remove_timeout: Option<Spanned<String>>,
+}

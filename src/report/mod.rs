@@ -1,0 +1,171 @@
+//! The qualification report: plain data, the verdict rules, and its canonical bytes.
+//! Nothing here does IO except [`Report::write`].
+
+pub mod verdict;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use verdict::{Status, Verdict};
+
+use crate::checks::CheckResult;
+use crate::guest::ExecResult;
+use crate::patch::Delivered;
+
+/// Bumped on any change a reader would notice; see docs/report-format.md.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub schema_version: u32,
+    pub run_id: String,
+    /// False when the run was interrupted or broke before every cell finished.
+    pub complete: bool,
+    pub verdict: Verdict,
+    pub lab: LabRef,
+    pub patchlab: Tool,
+    pub hosts: Vec<HostRef>,
+    pub started_at: String,
+    pub finished_at: String,
+    pub platforms: Vec<PlatformRef>,
+    pub patches: Vec<PatchRef>,
+    pub results: Vec<CellResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabRef {
+    pub name: String,
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    pub version: String,
+    pub commit: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRef {
+    pub uri: String,
+    pub accel: String,
+    pub accel_reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformRef {
+    pub name: String,
+    /// `image:<recipe name>` or `domain:<domain>/<snapshot>`.
+    pub origin: String,
+    pub image_recipe_digest: Option<String>,
+    pub image_disk_sha256: Option<String>,
+    pub golden_disk_sha256: String,
+    pub golden_state_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRef {
+    pub name: String,
+    pub kind: String,
+    pub files: Vec<FileRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub name: String,
+    /// Relative to the report: the artifact exactly as tested.
+    pub path: String,
+    pub sha256: String,
+    pub package: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellResult {
+    pub platform: String,
+    pub patch: String,
+    pub verdict: Verdict,
+    pub host: String,
+    pub clone: String,
+    /// Why the cell is `error`, when it is.
+    pub error: Option<String>,
+    pub conditions: Conditions,
+    pub phases: Vec<Phase>,
+    pub duration_ms: u64,
+    /// Evidence files beside the report (console log), by relative path.
+    pub evidence: Vec<EvidenceRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceRef {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    pub name: String,
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conditions {
+    pub baseline: Condition,
+    pub delivery: Condition,
+    pub install: Condition,
+    pub operations: Condition,
+    pub removal: Condition,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub status: Status,
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckResult>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<ExecResult>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered: Vec<Delivered>,
+}
+
+impl Condition {
+    pub fn pass() -> Self {
+        Condition { status: Status::Pass, ..Default::default() }
+    }
+    pub fn with(status: Status, reason: impl Into<String>) -> Self {
+        Condition { status, reason: Some(reason.into()), ..Default::default() }
+    }
+}
+
+impl Report {
+    /// The bytes that are written and signed: RFC 8785 canonical JSON.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        serde_jcs::to_vec(self).expect("the report model serializes")
+    }
+
+    pub fn write(&self, dir: &Path) -> std::io::Result<std::path::PathBuf> {
+        let path = dir.join("report.json");
+        let tmp = dir.join(".report.json.tmp");
+        std::fs::write(&tmp, self.canonical_bytes())?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.verdict.exit_code()
+    }
+}

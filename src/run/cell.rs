@@ -1,0 +1,189 @@
+//! One cell: one patch on one clone of one platform, through the conditions in order.
+//! Synchronous on purpose: every step waits on the guest; the scheduler runs cells in parallel.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checks::{self, CheckResult};
+use crate::guest::{Agent, AgentError};
+use crate::hypervisor::{CloneSource, Machine};
+use crate::lab::Lab;
+use crate::patch::PreparedPatch;
+use crate::report::{CellResult, Condition, Conditions, EvidenceRef, Phase, Status, verdict};
+
+pub struct CellPlan<'a> {
+    pub platform: &'a str,
+    pub patch: &'a PreparedPatch,
+    pub clone_name: String,
+    pub host: String,
+}
+
+/// The lab broke (not the patch): the cell is `error` and the remaining conditions are skipped.
+struct Broke(String);
+
+impl From<AgentError> for Broke {
+    fn from(e: AgentError) -> Self {
+        Broke(format!("guest agent: {e}"))
+    }
+}
+
+pub fn run_cell(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, evidence_dir: &Path) -> CellResult {
+    let started = Instant::now();
+    let mut phases = Vec::new();
+    let mut conditions = Conditions::default();
+    let mut evidence = Vec::new();
+    let mut error = None;
+    let mut machine: Option<Box<dyn Machine>> = None;
+    let outcome = (|| -> Result<(), Broke> {
+        let t = Instant::now();
+        let m = source.clone_machine(plan.platform, &plan.clone_name, &lab.guest_ports()).map_err(|e| Broke(format!("clone: {e}")))?;
+        let m = &**machine.insert(m);
+        let agent = Agent::new(m.agent_channel(), cancel.clone());
+        agent.wait_ready(Duration::from_secs(60))?;
+        agent.set_time_now()?;
+        phases.push(Phase { name: "clone".into(), ms: t.elapsed().as_millis() as u64 });
+        run_conditions(lab, plan, m, &agent, runtime, cancel, &mut conditions, &mut phases)
+    })();
+    if let Err(Broke(reason)) = outcome {
+        error = Some(reason);
+    }
+    if let Some(mut m) = machine {
+        let t = Instant::now();
+        if let Some(console) = m.console_log() {
+            if let Some(e) = keep_evidence(console, evidence_dir, &format!("{}-{}-console.log", plan.platform, plan.patch.name)) {
+                evidence.push(e);
+            }
+        }
+        if let Err(e) = m.teardown() {
+            error.get_or_insert(format!("teardown: {e}"));
+        }
+        phases.push(Phase { name: "teardown".into(), ms: t.elapsed().as_millis() as u64 });
+    }
+    if let Some(reason) = &error {
+        mark_error(&mut conditions, reason);
+    }
+    let statuses = [conditions.baseline.status, conditions.delivery.status, conditions.install.status, conditions.operations.status, conditions.removal.status];
+    CellResult {
+        platform: plan.platform.into(),
+        patch: plan.patch.name.clone(),
+        verdict: verdict::cell_verdict(&statuses),
+        host: plan.host.clone(),
+        clone: plan.clone_name.clone(),
+        error,
+        conditions,
+        phases,
+        duration_ms: started.elapsed().as_millis() as u64,
+        evidence,
+    }
+}
+
+/// The first condition not yet decided becomes `error`; the later ones stay `skipped`.
+fn mark_error(conditions: &mut Conditions, reason: &str) {
+    for c in [&mut conditions.baseline, &mut conditions.delivery, &mut conditions.install, &mut conditions.operations, &mut conditions.removal] {
+        if c.status == Status::Skipped {
+            c.status = Status::Error;
+            c.reason = Some(reason.to_string());
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, c: &mut Conditions, phases: &mut Vec<Phase>) -> Result<(), Broke> {
+    let port = |g: u16| m.host_port(g);
+    let target = checks::Target { agent, host_port: &port, runtime };
+    let run_checks = |names: Option<&[String]>| -> Result<Vec<CheckResult>, Broke> {
+        lab.checks.iter().filter(|ch| names.is_none_or(|n| n.contains(&ch.name))).map(|ch| checks::run(ch, &target).map_err(Broke::from)).collect()
+    };
+    let mut phase = |name: &str, t: Instant| phases.push(Phase { name: name.into(), ms: t.elapsed().as_millis() as u64 });
+    let cancelled = || if cancel.is_cancelled() { Err(Broke("cancelled".into())) } else { Ok(()) };
+
+    // Baseline: only checks that pass here count as "previously functioning operations".
+    let t = Instant::now();
+    let baseline = run_checks(None)?;
+    let working: Vec<String> = baseline.iter().filter(|r| r.passed).map(|r| r.name.clone()).collect();
+    let not_working: Vec<&str> = baseline.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
+    c.baseline = Condition { checks: baseline.clone(), ..Condition::pass() };
+    if !not_working.is_empty() {
+        c.baseline.reason = Some(format!("failing before the patch, so not held against it: {}", not_working.join(", ")));
+    }
+    phase("baseline", t);
+    cancelled()?;
+
+    let t = Instant::now();
+    match plan.patch.deliver(agent) {
+        Ok(delivered) => c.delivery = Condition { delivered, ..Condition::pass() },
+        Err(AgentError::DigestMismatch { path, expected, actual }) => {
+            c.delivery = Condition::with(Status::Fail, format!("{path} arrived with sha256 {actual}, sent {expected}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    phase("deliver", t);
+    cancelled()?;
+
+    let t = Instant::now();
+    match plan.patch.install(agent, lab.settings.install_timeout) {
+        Ok(result) => {
+            let ok = result.success();
+            c.install = Condition { commands: vec![result.clone()], ..Condition::pass() };
+            if !ok {
+                c.install.status = Status::Fail;
+                c.install.reason = Some(format!("`{}` exited with {:?}", result.command, result.exit_code));
+                return Ok(());
+            }
+        }
+        Err(AgentError::Deadline { program, deadline }) => {
+            c.install = Condition::with(Status::Fail, format!("`{program}` did not finish within {deadline:?}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    phase("install", t);
+    cancelled()?;
+
+    let t = Instant::now();
+    let after = run_checks(Some(&working))?;
+    let broken: Vec<&str> = after.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
+    c.operations = Condition { checks: after.clone(), ..Condition::pass() };
+    if !broken.is_empty() {
+        c.operations.status = Status::Fail;
+        c.operations.reason = Some(format!("worked before the patch, fail after it: {}", broken.join(", ")));
+        return Ok(());
+    }
+    phase("checks", t);
+    cancelled()?;
+
+    let t = Instant::now();
+    let removed = match plan.patch.remove(agent, lab.settings.remove_timeout) {
+        Ok(result) => result,
+        Err(AgentError::Deadline { program, deadline }) => {
+            c.removal = Condition::with(Status::Fail, format!("`{program}` did not finish within {deadline:?}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let after_removal = run_checks(Some(&working))?;
+    phase("remove", t);
+    c.removal = Condition { commands: vec![removed.clone()], checks: after_removal.clone(), ..Condition::pass() };
+    if !removed.success() {
+        c.removal.status = Status::Fail;
+        c.removal.reason = Some(format!("`{}` exited with {:?}", removed.command, removed.exit_code));
+    } else if let Some(bad) = after_removal.iter().find(|r| !r.passed) {
+        c.removal.status = Status::Fail;
+        c.removal.reason = Some(format!("check `{}` fails after removal: {}", bad.name, bad.detail));
+    }
+    Ok(())
+}
+
+/// Copies a file into the evidence directory; the report binds it by sha256.
+fn keep_evidence(src: &Path, dir: &Path, name: &str) -> Option<EvidenceRef> {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(src).ok()?;
+    std::fs::create_dir_all(dir).ok()?;
+    std::fs::write(dir.join(name), &data).ok()?;
+    let rel = format!("{}/{name}", dir.file_name()?.to_string_lossy());
+    Some(EvidenceRef { path: rel, sha256: hex::encode(Sha256::digest(&data)), bytes: data.len() as u64 })
+}
