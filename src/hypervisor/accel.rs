@@ -66,6 +66,42 @@ pub fn decide(choice: AccelChoice, qemu: &str, probe_kernel: &Path) -> Result<Ac
     }
 }
 
+/// Like [`decide`], but remembers the outcome of an `auto` probe in `cache_dir/accel-probe.json`,
+/// keyed by the host kernel and the QEMU binary, so the probe's seconds are paid once per host.
+pub fn decide_cached(choice: AccelChoice, qemu: &str, probe_kernel: &Path, cache_dir: &Path) -> Result<AccelDecision, AccelError> {
+    if choice != AccelChoice::Auto {
+        return decide(choice, qemu, probe_kernel);
+    }
+    let key = probe_key(qemu);
+    let file = cache_dir.join("accel-probe.json");
+    if let Some(cached) = std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str::<CachedProbe>(&t).ok()).filter(|c| c.key == key) {
+        return Ok(AccelDecision { accel: cached.accel, reason: format!("{} (cached probe)", cached.reason) });
+    }
+    let decision = decide(choice, qemu, probe_kernel)?;
+    let cached = CachedProbe { key, accel: decision.accel, reason: decision.reason.clone() };
+    let _ = std::fs::create_dir_all(cache_dir);
+    let _ = std::fs::write(&file, serde_json::to_string_pretty(&cached).expect("serializes"));
+    Ok(decision)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedProbe {
+    key: String,
+    accel: Accel,
+    reason: String,
+}
+
+fn probe_key(qemu: &str) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let binary = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(qemu)).find(|p| p.is_file()))
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+        .unwrap_or_default();
+    let kvm = Path::new("/dev/kvm").exists();
+    format!("{}|{binary}|kvm={kvm}", kernel.trim())
+}
+
 fn open_kvm() -> std::io::Result<()> {
     std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop)
 }

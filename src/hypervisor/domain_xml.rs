@@ -128,10 +128,7 @@ fn replace_checked(xml: &str, what: &'static str, from: &str, to: &str, exactly_
 /// Only values patchlab chose itself are replaced, each by exact match, so device addresses and
 /// everything else QEMU's migration stream depends on stay as libvirt wrote them.
 pub fn clone_xml(saved: &str, golden: &Identity, clone: &Identity, run_id: &str) -> Result<String, RewriteError> {
-    // The name also appears in paths libvirt derived from it (channel sockets): replace them all.
-    let mut xml = replace_checked(saved, "the golden name", &format!(">{}<", esc(&golden.name)), &format!(">{}<", esc(&clone.name)), true)?;
-    xml = xml.replace(&golden.name, &clone.name);
-    xml = replace_checked(&xml, "the golden uuid", &format!("<uuid>{}</uuid>", golden.uuid), &format!("<uuid>{}</uuid>", clone.uuid), true)?;
+    let mut xml = replace_checked(saved, "the golden uuid", &format!("<uuid>{}</uuid>", golden.uuid), &format!("<uuid>{}</uuid>", clone.uuid), true)?;
     xml = replace_checked(&xml, "the golden disk", &format!("<source file='{}'", path(&golden.disk)), &format!("<source file='{}'", path(&clone.disk)), true)?;
     xml = replace_checked(&xml, "the golden console", &format!("'{}'", path(&golden.console)), &format!("'{}'", path(&clone.console)), false)?;
     // Forwarded ports are passt's configuration, not device state: the golden has none and each
@@ -141,6 +138,10 @@ pub fn clone_xml(saved: &str, golden: &Identity, clone: &Identity, run_id: &str)
     }
     let backend = "<backend type='passt'/>";
     xml = replace_checked(&xml, "the passt backend", backend, &format!("{backend}\n{}", port_forwards(&clone.ports).trim_end()), true)?;
+    // The name also appears in paths libvirt derived from it (channel sockets): replace them all,
+    // last, so the exact replacements above see the paths patchlab recorded.
+    xml = replace_checked(&xml, "the golden name", &format!("<name>{}</name>", esc(&golden.name)), &format!("<name>{}</name>", esc(&clone.name)), true)?;
+    xml = xml.replace(&golden.name, &clone.name);
     let start = xml.find("<patchlab:run>").map(|i| i + "<patchlab:run>".len());
     let end = xml.find("</patchlab:run>");
     match (start, end) {
@@ -157,7 +158,7 @@ mod tests {
     fn identity(name: &str, ports: &[(u16, u16)]) -> Identity {
         Identity {
             name: name.into(),
-            uuid: format!("{name}-uuid"),
+            uuid: format!("{:08x}-0000-4000-8000-000000000000", name.len()),
             disk: format!("/var/lib/patchlab/{name}/disk.qcow2").into(),
             console: format!("/var/lib/patchlab/{name}/console.log").into(),
             ports: ports.to_vec(),
@@ -178,7 +179,7 @@ mod tests {
         for needle in ["patchlab-golden-abc", "golden-run", "<patchlab:role>golden"] {
             assert!(!xml.contains(needle), "{needle} left in {xml}");
         }
-        for needle in ["<name>patchlab-r1-0</name>", "<uuid>patchlab-r1-0-uuid</uuid>", "patchlab-r1-0/disk.qcow2", "patchlab-r1-0/console.log", "start='41000' to='80'", "start='41001' to='22'", "<patchlab:run>run-42</patchlab:run>", "1-patchlab-r1-0/org.qemu"] {
+        for needle in ["<name>patchlab-r1-0</name>", "<uuid>0000000d-0000-4000-8000-000000000000</uuid>", "patchlab-r1-0/disk.qcow2", "patchlab-r1-0/console.log", "start='41000' to='80'", "start='41001' to='22'", "<patchlab:run>run-42</patchlab:run>", "1-patchlab-r1-0/org.qemu"] {
             assert!(xml.contains(needle), "{needle} missing from {xml}");
         }
         assert_eq!(xml.lines().count(), saved.lines().count() + 2);

@@ -15,8 +15,14 @@ use super::{BuiltImage, FileMeta, ImageError, ImageMeta, IMAGE_JSON};
 /// Packages debootstrap installs into every image: init, device manager, module loader, the guest
 /// agent (started by udev when the `org.qemu.guest_agent.0` virtio port appears), busybox for the
 /// initramfs, iproute2 for diagnostics in the guest.
-pub const BASE_PACKAGES: &[&str] =
-    &["systemd-sysv", "udev", "kmod", "busybox", "qemu-guest-agent", "iproute2"];
+pub const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "busybox",
+    "qemu-guest-agent",
+    "iproute2",
+];
 
 /// Packages installed only when the suite has them and the thing they provide is missing from the
 /// base system: `(package, paths inside the rootfs of which one must exist afterwards)`.
@@ -24,12 +30,23 @@ pub const BASE_PACKAGES: &[&str] =
 /// - newer suites split systemd-networkd out of the systemd package.
 const CONDITIONAL_PACKAGES: &[(&str, &[&str])] = &[
     ("util-linux-extra", &["usr/sbin/hwclock", "sbin/hwclock"]),
-    ("systemd-networkd", &["usr/lib/systemd/systemd-networkd", "lib/systemd/systemd-networkd"]),
+    (
+        "systemd-networkd",
+        &[
+            "usr/lib/systemd/systemd-networkd",
+            "lib/systemd/systemd-networkd",
+        ],
+    ),
 ];
 
 /// Modules put into the (small, `MODULES=list`) initramfs.
-pub const INITRAMFS_MODULES: &[&str] =
-    &["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_net"];
+pub const INITRAMFS_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "ext4",
+    "virtio_console",
+    "virtio_net",
+];
 
 /// Units masked so a booted guest does not drift (apt, man-db, periodic fs jobs, clock sync) or
 /// burn CPU under TCG after boot. Masking a unit that a suite lacks is harmless.
@@ -76,7 +93,10 @@ fn apt_get(root: &Path, args: &[&str]) -> Command {
 pub fn build(recipe: &Recipe, out_dir: &Path) -> Result<BuiltImage, ImageError> {
     let uid = sys::euid();
     if uid != 0 {
-        return Err(ImageError::NotRoot { name: recipe.name.clone(), uid });
+        return Err(ImageError::NotRoot {
+            name: recipe.name.clone(),
+            uid,
+        });
     }
     if let Ok(mut rd) = fs::read_dir(out_dir) {
         if rd.next().is_some() {
@@ -112,7 +132,11 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
         .arg(&root)
         .arg(&recipe.mirror);
     run(&format!("debootstrap {}", recipe.suite), &mut c)?;
-    tracing::info!(image = name, seconds = t.elapsed().as_secs(), "debootstrap done");
+    tracing::info!(
+        image = name,
+        seconds = t.elapsed().as_secs(),
+        "debootstrap done"
+    );
 
     // 2. files written before any package is configured
     configure_files(recipe, &root, &digest)?;
@@ -142,7 +166,8 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
         (format!("boot/initrd.img-{kernel_version}"), &initrd),
     ] {
         let src = root.join(&from);
-        fs::copy(&src, to).map_err(|e| ImageError::io(format!("copy {from} out of the rootfs to"), to, e))?;
+        fs::copy(&src, to)
+            .map_err(|e| ImageError::io(format!("copy {from} out of the rootfs to"), to, e))?;
     }
 
     // 5. rootfs -> ext4 raw -> qcow2
@@ -153,7 +178,11 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
             reason: format!("rootfs still has mounts: {left:?}"),
         });
     }
-    tracing::info!(image = name, size_mib = recipe.disk_size_mib, "creating ext4 filesystem from rootfs");
+    tracing::info!(
+        image = name,
+        size_mib = recipe.disk_size_mib,
+        "creating ext4 filesystem from rootfs"
+    );
     let raw = out.join("base.raw");
     let disk = out.join("base.qcow2");
     let mut c = Command::new("mke2fs");
@@ -163,7 +192,9 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
         .arg(format!("{}M", recipe.disk_size_mib));
     run("create the ext4 filesystem (mke2fs -d)", &mut c)?;
     let mut c = Command::new("qemu-img");
-    c.args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk);
+    c.args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk);
     run("convert the raw disk to qcow2 (qemu-img convert)", &mut c)?;
     fs::remove_file(&raw).map_err(|e| ImageError::io("remove", &raw, e))?;
     sys::remove_tree(&root)?;
@@ -171,9 +202,13 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
     // 6. seal: hashes, read-only files, image.json last
     let mut metas = Vec::new();
     for p in [&disk, &kernel, &initrd] {
-        fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| ImageError::io("sync", p, e))?;
+        fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ImageError::io("sync", p, e))?;
         sys::set_mode(p, 0o444)?;
-        let size = fs::metadata(p).map_err(|e| ImageError::io("stat", p, e))?.len();
+        let size = fs::metadata(p)
+            .map_err(|e| ImageError::io("stat", p, e))?
+            .len();
         metas.push(FileMeta {
             file: p.file_name().unwrap().to_string_lossy().into_owned(),
             size_bytes: size,
@@ -203,7 +238,9 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
         source,
     })?;
     write_file(&json_path, &(json + "\n"), 0o444)?;
-    fs::File::open(&json_path).and_then(|f| f.sync_all()).map_err(|e| ImageError::io("sync", &json_path, e))?;
+    fs::File::open(&json_path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ImageError::io("sync", &json_path, e))?;
     sys::fsync_dir(out);
     tracing::info!(
         image = name,
@@ -229,7 +266,10 @@ fn sources_list(recipe: &Recipe) -> String {
     let mut t = format!("deb {} {s} main\n", recipe.mirror);
     if recipe.security_updates {
         t.push_str(&format!("deb {} {s}-updates main\n", recipe.mirror));
-        t.push_str(&format!("deb {} {s}-security main\n", recipe.security_mirror));
+        t.push_str(&format!(
+            "deb {} {s}-security main\n",
+            recipe.security_mirror
+        ));
     }
     t
 }
@@ -292,10 +332,20 @@ fn chroot_ok(root: &Path, program: &str, args: &[&str]) -> bool {
 /// Returns (kernel version, `package version` list).
 fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), ImageError> {
     let name = recipe.name.as_str();
-    tracing::info!(image = name, security = recipe.security_updates, "apt-get update / upgrade");
+    tracing::info!(
+        image = name,
+        security = recipe.security_updates,
+        "apt-get update / upgrade"
+    );
     // --error-on=any: without it apt-get update exits 0 when a source cannot be fetched.
-    run("apt-get update in the chroot", &mut apt_get(root, &["--error-on=any", "update"]))?;
-    run("apt-get upgrade in the chroot", &mut apt_get(root, &["upgrade"]))?;
+    run(
+        "apt-get update in the chroot",
+        &mut apt_get(root, &["--error-on=any", "update"]),
+    )?;
+    run(
+        "apt-get upgrade in the chroot",
+        &mut apt_get(root, &["upgrade"]),
+    )?;
 
     let mut pkgs: Vec<String> = vec![recipe.kernel_package.clone()];
     for (pkg, provides) in CONDITIONAL_PACKAGES {
@@ -309,18 +359,31 @@ fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), I
     let t = Instant::now();
     let mut args = vec!["install", "--no-install-recommends"];
     args.extend(pkgs.iter().map(String::as_str));
-    run("apt-get install kernel and packages in the chroot", &mut apt_get(root, &args))?;
-    tracing::info!(image = name, seconds = t.elapsed().as_secs(), "packages installed");
+    run(
+        "apt-get install kernel and packages in the chroot",
+        &mut apt_get(root, &args),
+    )?;
+    tracing::info!(
+        image = name,
+        seconds = t.elapsed().as_secs(),
+        "packages installed"
+    );
 
     for (pkg, provides) in CONDITIONAL_PACKAGES {
         if !provides.iter().any(|p| root.join(p).exists()) {
             return Err(ImageError::Build {
                 name: name.into(),
-                reason: format!("{} is missing after install (package {pkg} not in suite {}?)", provides[0], recipe.suite),
+                reason: format!(
+                    "{} is missing after install (package {pkg} not in suite {}?)",
+                    provides[0], recipe.suite
+                ),
             });
         }
     }
-    let agent_unit = ["usr/lib/systemd/system/qemu-guest-agent.service", "lib/systemd/system/qemu-guest-agent.service"];
+    let agent_unit = [
+        "usr/lib/systemd/system/qemu-guest-agent.service",
+        "lib/systemd/system/qemu-guest-agent.service",
+    ];
     if !agent_unit.iter().any(|p| root.join(p).exists()) {
         return Err(ImageError::Build {
             name: name.into(),
@@ -333,11 +396,20 @@ fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), I
     enable.extend(recipe.service_units());
     let mut args = vec!["enable"];
     args.extend(enable.iter().map(String::as_str));
-    run("enable services (systemctl enable)", &mut chroot(root, "systemctl", &args))?;
+    run(
+        "enable services (systemctl enable)",
+        &mut chroot(root, "systemctl", &args),
+    )?;
     let mut args = vec!["mask"];
     args.extend_from_slice(MASKED_UNITS);
-    run("mask drift-prone units (systemctl mask)", &mut chroot(root, "systemctl", &args))?;
-    run("set the default target", &mut chroot(root, "systemctl", &["set-default", "multi-user.target"]))?;
+    run(
+        "mask drift-prone units (systemctl mask)",
+        &mut chroot(root, "systemctl", &args),
+    )?;
+    run(
+        "set the default target",
+        &mut chroot(root, "systemctl", &["set-default", "multi-user.target"]),
+    )?;
     for unit in &enable {
         let out = chroot(root, "systemctl", &["is-enabled", unit])
             .stdin(Stdio::null())
@@ -364,12 +436,19 @@ fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), I
     // serve downloads there, and patches arrive as .deb files pushed into the guest and installed
     // with dpkg/apt from local files, which needs no lists. They would only add ~50-100 MB and
     // go stale. The sources.list stays, so `apt-get update` works wherever a network exists.
-    run("apt-get clean in the chroot", &mut apt_get(root, &["clean"]))?;
+    run(
+        "apt-get clean in the chroot",
+        &mut apt_get(root, &["clean"]),
+    )?;
     let lists = root.join("var/lib/apt/lists");
     if let Ok(rd) = fs::read_dir(&lists) {
         for e in rd.flatten() {
             let p = e.path();
-            let r = if p.is_dir() { Ok(()) } else { fs::remove_file(&p) };
+            let r = if p.is_dir() {
+                Ok(())
+            } else {
+                fs::remove_file(&p)
+            };
             r.map_err(|err| ImageError::io("remove apt list", &p, err))?;
         }
     }
@@ -382,7 +461,12 @@ fn kernel_version(recipe: &Recipe, root: &Path) -> Result<String, ImageError> {
     let mut versions: Vec<String> = fs::read_dir(&boot)
         .map_err(|e| ImageError::io("read", &boot, e))?
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_string)
+        })
         .filter(|v| boot.join(format!("initrd.img-{v}")).exists())
         .collect();
     versions.sort();
@@ -390,7 +474,11 @@ fn kernel_version(recipe: &Recipe, root: &Path) -> Result<String, ImageError> {
         [v] => Ok(v.clone()),
         [] => Err(ImageError::Build {
             name: recipe.name.clone(),
-            reason: format!("no vmlinuz-*/initrd.img-* pair in {} after installing {}", boot.display(), recipe.kernel_package),
+            reason: format!(
+                "no vmlinuz-*/initrd.img-* pair in {} after installing {}",
+                boot.display(),
+                recipe.kernel_package
+            ),
         }),
         many => Err(ImageError::Build {
             name: recipe.name.clone(),

@@ -84,7 +84,11 @@ pub enum ImageError {
 
 impl ImageError {
     pub(crate) fn io(action: impl Into<String>, path: &Path, source: std::io::Error) -> Self {
-        ImageError::Io { action: action.into(), path: path.to_path_buf(), source }
+        ImageError::Io {
+            action: action.into(),
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -212,7 +216,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("patchlab");
     }
-    let home = std::env::var_os("HOME").filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp".into());
+    let home = std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "/tmp".into());
     PathBuf::from(home).join(".cache").join("patchlab")
 }
 
@@ -220,7 +226,10 @@ pub fn default_cache_dir() -> PathBuf {
 /// carries `recipe` as loaded (with its `source`).
 fn open_cached(dir: &Path, recipe: &Recipe) -> Option<BuiltImage> {
     match BuiltImage::open(dir) {
-        Ok(img) if img.recipe_digest == recipe.digest() => Some(BuiltImage { recipe: recipe.clone(), ..img }),
+        Ok(img) if img.recipe_digest == recipe.digest() => Some(BuiltImage {
+            recipe: recipe.clone(),
+            ..img
+        }),
         Ok(img) => {
             tracing::warn!(dir = %dir.display(), recorded = %img.recipe_digest, "image.json digest does not match the recipe; rebuilding");
             None
@@ -259,12 +268,16 @@ pub fn ensure_built(recipe_path: &Path, cache_dir: &Path) -> Result<BuiltImage, 
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|source| ImageError::Lock { path: lock_path.clone(), source })?;
+        .map_err(|source| ImageError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
     if lock_file.try_lock().is_err() {
         tracing::info!(image = %key, lock = %lock_path.display(), "another build holds the lock; waiting");
-        lock_file
-            .lock()
-            .map_err(|source| ImageError::Lock { path: lock_path.clone(), source })?;
+        lock_file.lock().map_err(|source| ImageError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
     }
     // The lock is released when `lock_file` is dropped (also on every error return below).
 
@@ -292,7 +305,8 @@ pub fn ensure_built(recipe_path: &Path, cache_dir: &Path) -> Result<BuiltImage, 
     let tmp = images.join(format!("{tmp_prefix}{}", std::process::id()));
     let guard = sys::TreeGuard::new(tmp.clone());
     let built = build(&recipe, &tmp)?;
-    fs::rename(&tmp, &final_dir).map_err(|e| ImageError::io("rename built image into", &final_dir, e))?;
+    fs::rename(&tmp, &final_dir)
+        .map_err(|e| ImageError::io("rename built image into", &final_dir, e))?;
     guard.disarm();
     sys::fsync_dir(&images);
     tracing::info!(image = %key, dir = %final_dir.display(), "image ready");
@@ -330,8 +344,14 @@ mod tests {
             stderr_tail: "E: couldn't download".into(),
         };
         let s = format!("failed to {e}");
-        assert!(s.starts_with("failed to debootstrap bookworm: `debootstrap"), "{s}");
-        let e = ImageError::NotRoot { name: "debian-12".into(), uid: 1000 };
+        assert!(
+            s.starts_with("failed to debootstrap bookworm: `debootstrap"),
+            "{s}"
+        );
+        let e = ImageError::NotRoot {
+            name: "debian-12".into(),
+            uid: 1000,
+        };
         assert!(e.to_string().starts_with("build image debian-12"));
     }
 
@@ -344,6 +364,109 @@ mod tests {
         let err = ensure_built(&recipe, &cache).unwrap_err();
         assert!(matches!(err, ImageError::ParseRecipe { .. }), "{err}");
         assert!(!cache.exists());
+    }
+
+    fn write_fake_image(dir: &Path, recipe: &Recipe) {
+        fs::create_dir_all(dir).unwrap();
+        let fm = |f: &str| {
+            fs::write(dir.join(f), f).unwrap();
+            FileMeta {
+                file: f.into(),
+                size_bytes: f.len() as u64,
+                sha256: "x".into(),
+            }
+        };
+        let meta = ImageMeta {
+            builder_version: BUILDER_VERSION.into(),
+            recipe: recipe.clone(),
+            recipe_digest: recipe.digest(),
+            debootstrap_suite: recipe.suite.clone(),
+            kernel_version: "0".into(),
+            cmdline: "c".into(),
+            disk: fm("base.qcow2"),
+            kernel: fm("kernel"),
+            initrd: fm("initrd"),
+            disk_virtual_size_bytes: 0,
+            build_seconds: 0.0,
+            built_at: "now".into(),
+            packages: vec![],
+        };
+        fs::write(dir.join(IMAGE_JSON), serde_json::to_string(&meta).unwrap()).unwrap();
+    }
+
+    /// A caller that finds the lock held waits, then reuses what the holder built, without
+    /// building (which would need root and network).
+    #[test]
+    fn waiter_reuses_image_built_under_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-12.toml");
+        let recipe = Recipe::load(&recipe_path).unwrap();
+        let cache = dir.path().to_path_buf();
+        let images = cache.join("images");
+        fs::create_dir_all(&images).unwrap();
+        let lock = File::create(images.join(format!("{}.lock", recipe.cache_key()))).unwrap();
+        lock.lock().unwrap();
+        let c2 = cache.clone();
+        let rp = recipe_path.clone();
+        let waiter = std::thread::spawn(move || ensure_built(&rp, &c2));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "ensure_built must wait on the lock");
+        write_fake_image(&images.join(recipe.cache_key()), &recipe);
+        lock.unlock().unwrap();
+        let img = waiter.join().unwrap().unwrap();
+        assert_eq!(img.dir, images.join(recipe.cache_key()));
+        assert_eq!(img.recipe.source.as_deref(), Some(recipe_path.as_path()));
+        assert_eq!(img.cmdline, "c");
+        // and a cache hit needs no lock at all
+        assert_eq!(ensure_built(&recipe_path, &cache).unwrap(), img);
+    }
+
+    /// A failed build leaves nothing behind, and leftovers of a crashed build (`.tmp-KEY-*`) and an
+    /// incomplete final directory are removed. The mirror is a closed local port, so the build
+    /// fails fast at debootstrap (or at the root check when not root, or at spawn without
+    /// debootstrap): all three are failure paths after the cleanup.
+    #[test]
+    fn failed_build_cleans_up_and_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../images/debian-12.toml").replace(
+            "http://deb.debian.org/debian\"",
+            "http://127.0.0.1:9/debian\"",
+        );
+        let recipe_path = dir.path().join("r.toml");
+        fs::write(&recipe_path, &text).unwrap();
+        let recipe = Recipe::load(&recipe_path).unwrap();
+        let images = dir.path().join("cache/images");
+        let leftover = images.join(format!(".tmp-{}-1", recipe.cache_key()));
+        fs::create_dir_all(leftover.join("rootfs/etc")).unwrap();
+        fs::create_dir_all(images.join(recipe.cache_key())).unwrap(); // no image.json
+        let err = ensure_built(&recipe_path, &dir.path().join("cache")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::Command { .. } | ImageError::NotRoot { .. } | ImageError::Spawn { .. }
+            ),
+            "{err}"
+        );
+        let left: Vec<_> = fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?} after: {err}");
+        eprintln!("expected failure: failed to {err}");
+    }
+
+    #[test]
+    fn open_rejects_wrong_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe =
+            Recipe::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-13.toml"))
+                .unwrap();
+        write_fake_image(dir.path(), &recipe);
+        assert!(BuiltImage::open(dir.path()).is_ok());
+        fs::write(dir.path().join("kernel"), "truncated?").unwrap();
+        assert!(BuiltImage::open(dir.path()).is_err());
     }
 
     #[test]
@@ -361,7 +484,8 @@ mod tests {
             return;
         }
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-        let names = std::env::var("PATCHLAB_IMAGE_BUILD_RECIPES").unwrap_or_else(|_| "debian-12".into());
+        let names =
+            std::env::var("PATCHLAB_IMAGE_BUILD_RECIPES").unwrap_or_else(|_| "debian-12".into());
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
         for name in names.split(',').filter(|s| !s.is_empty()) {
             let t = std::time::Instant::now();
@@ -378,7 +502,8 @@ mod tests {
                 img.cmdline
             );
             // A second call is a cache hit.
-            let again = ensure_built(&root.join(format!("{name}.toml")), &default_cache_dir()).unwrap();
+            let again =
+                ensure_built(&root.join(format!("{name}.toml")), &default_cache_dir()).unwrap();
             assert_eq!(again, img);
         }
     }

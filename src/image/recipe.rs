@@ -91,7 +91,9 @@ impl Recipe {
         let recipe: Recipe = toml::from_str(text).map_err(|e| ImageError::ParseRecipe {
             path: path.to_path_buf(),
             message: e.message().to_string(),
-            line: e.span().map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count()),
+            line: e
+                .span()
+                .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count()),
         })?;
         recipe.validate(path)?;
         Ok(recipe)
@@ -114,7 +116,13 @@ impl Recipe {
     pub fn service_units(&self) -> Vec<String> {
         self.services
             .iter()
-            .map(|s| if s.contains('.') { s.clone() } else { format!("{s}.service") })
+            .map(|s| {
+                if s.contains('.') {
+                    s.clone()
+                } else {
+                    format!("{s}.service")
+                }
+            })
             .collect()
     }
 
@@ -146,32 +154,54 @@ impl Recipe {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || extra.contains(c))
         };
         if !simple(&self.name, "._-") || self.name.starts_with('.') {
-            return Err(bad("name", format!("{:?} is not a name of [a-z0-9._-]", self.name)));
+            return Err(bad(
+                "name",
+                format!("{:?} is not a name of [a-z0-9._-]", self.name),
+            ));
         }
         if self.os != "debian" {
-            return Err(bad("os", format!("{:?} is not supported (only \"debian\")", self.os)));
+            return Err(bad(
+                "os",
+                format!("{:?} is not supported (only \"debian\")", self.os),
+            ));
         }
         if self.arch != "x86_64" {
-            return Err(bad("arch", format!("{:?} is not supported (only \"x86_64\")", self.arch)));
+            return Err(bad(
+                "arch",
+                format!("{:?} is not supported (only \"x86_64\")", self.arch),
+            ));
         }
         if self.version.is_empty() {
             return Err(bad("version", "is empty".into()));
         }
         if !simple(&self.suite, "-") {
-            return Err(bad("suite", format!("{:?} is not a suite codename", self.suite)));
+            return Err(bad(
+                "suite",
+                format!("{:?} is not a suite codename", self.suite),
+            ));
         }
-        for (key, url) in [("mirror", &self.mirror), ("security_mirror", &self.security_mirror)] {
+        for (key, url) in [
+            ("mirror", &self.mirror),
+            ("security_mirror", &self.security_mirror),
+        ] {
             if !(url.starts_with("http://") || url.starts_with("https://"))
                 || url.chars().any(|c| c.is_whitespace())
             {
                 return Err(bad(key, format!("{url:?} is not an http(s) URL")));
             }
         }
-        for p in self.packages.iter().chain(std::iter::once(&self.kernel_package)) {
+        for p in self
+            .packages
+            .iter()
+            .chain(std::iter::once(&self.kernel_package))
+        {
             // Debian package names: [a-z0-9][a-z0-9+.-]+ ; refuse anything that apt could read as
             // an option or a version/release pin.
             if !simple(p, "+.-") || p.starts_with(['-', '+', '.']) {
-                return Err(bad("packages", format!("{p:?} is not a Debian package name")));
+                return Err(bad(
+                    "packages",
+                    format!("{p:?} is not a Debian package name"),
+                ));
             }
         }
         for s in &self.services {
@@ -186,14 +216,23 @@ impl Recipe {
         } else if !simple(&self.name, "-") || self.name.len() > 63 {
             return Err(bad(
                 "hostname",
-                format!("is required because name {:?} is not a valid hostname", self.name),
+                format!(
+                    "is required because name {:?} is not a valid hostname",
+                    self.name
+                ),
             ));
         }
         if self.disk_size_mib < 512 {
-            return Err(bad("disk_size_mib", format!("{} is below 512", self.disk_size_mib)));
+            return Err(bad(
+                "disk_size_mib",
+                format!("{} is below 512", self.disk_size_mib),
+            ));
         }
         if self.memory_mib < 128 {
-            return Err(bad("memory_mib", format!("{} is below 128", self.memory_mib)));
+            return Err(bad(
+                "memory_mib",
+                format!("{} is below 128", self.memory_mib),
+            ));
         }
         if self.vcpus == 0 || self.vcpus > 64 {
             return Err(bad("vcpus", format!("{} is not within 1..=64", self.vcpus)));
@@ -260,11 +299,23 @@ vcpus = 1
         for (from, to, key) in [
             ("arch = \"x86_64\"", "arch = \"aarch64\"", "arch"),
             ("os = \"debian\"", "os = \"ubuntu\"", "os"),
-            ("packages = [\"nginx\"]", "packages = [\"-oFoo=1\"]", "packages"),
-            ("services = [\"nginx\"]", "services = [\"ng inx\"]", "services"),
+            (
+                "packages = [\"nginx\"]",
+                "packages = [\"-oFoo=1\"]",
+                "packages",
+            ),
+            (
+                "services = [\"nginx\"]",
+                "services = [\"ng inx\"]",
+                "services",
+            ),
             ("name = \"debian-12\"", "name = \"../x\"", "name"),
             ("memory_mib = 512", "memory_mib = 16", "memory_mib"),
-            ("mirror = \"http://deb.debian.org/debian\"", "mirror = \"file:///x\"", "mirror"),
+            (
+                "mirror = \"http://deb.debian.org/debian\"",
+                "mirror = \"file:///x\"",
+                "mirror",
+            ),
         ] {
             let err = parse(&GOOD.replace(from, to)).unwrap_err();
             match &err {

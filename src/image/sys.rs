@@ -16,7 +16,9 @@ pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 /// Effective uid of this process (owner of `/proc/self`), without libc.
 pub fn euid() -> u32 {
-    fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
 }
 
 fn tail(bytes: &[u8], max_lines: usize, max_chars: usize) -> String {
@@ -26,7 +28,9 @@ fn tail(bytes: &[u8], max_lines: usize, max_chars: usize) -> String {
     let mut s = lines[start..].join("\n");
     if s.len() > max_chars {
         let cut = s.len() - max_chars;
-        let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+        let cut = (cut..s.len())
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(s.len());
         s = format!("...{}", &s[cut..]);
     }
     s
@@ -125,7 +129,10 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mut v: Vec<PathBuf> = mount_points().into_iter().filter(|m| m.starts_with(&dir)).collect();
+    let mut v: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir))
+        .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     v.dedup();
     v
@@ -156,16 +163,22 @@ pub struct ChrootMounts {
 
 impl ChrootMounts {
     pub fn mount(root: &Path) -> Result<ChrootMounts, ImageError> {
-        let mut g = ChrootMounts { mounted: Vec::new() };
+        let mut g = ChrootMounts {
+            mounted: Vec::new(),
+        };
         let specs: [(&str, &[&str]); 4] = [
             ("proc", &["-t", "proc", "proc"]),
             ("sys", &["-t", "sysfs", "sysfs"]),
             ("dev", &["--bind", "/dev"]),
-            ("dev/pts", &["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts"]),
+            (
+                "dev/pts",
+                &["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts"],
+            ),
         ];
         for (sub, args) in specs {
             let target = root.join(sub);
-            fs::create_dir_all(&target).map_err(|e| ImageError::io("create mount point", &target, e))?;
+            fs::create_dir_all(&target)
+                .map_err(|e| ImageError::io("create mount point", &target, e))?;
             let mut c = Command::new("mount");
             c.args(args).arg(&target);
             run(&format!("mount {sub} into the chroot"), &mut c)?;
@@ -227,7 +240,10 @@ pub fn remove_tree(dir: &Path) -> Result<(), ImageError> {
             dir,
             std::io::Error::other(format!(
                 "refusing to delete: still mounted below it: {}",
-                left.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                left.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         ));
     }
@@ -264,7 +280,9 @@ pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ImageError::io("read", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ImageError::io("read", path, e))?;
         if n == 0 {
             break;
         }
@@ -292,7 +310,10 @@ pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ImageErr
         fs::create_dir_all(parent).map_err(|e| ImageError::io("create directory", parent, e))?;
     }
     // Replace, never write through, an existing symlink (e.g. /etc/resolv.conf).
-    if fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+    if fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false)
+    {
         fs::remove_file(path).map_err(|e| ImageError::io("remove symlink", path, e))?;
     }
     fs::write(path, contents).map_err(|e| ImageError::io("write", path, e))?;

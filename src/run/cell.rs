@@ -187,3 +187,120 @@ fn keep_evidence(src: &Path, dir: &Path, name: &str) -> Option<EvidenceRef> {
     let rel = format!("{}/{name}", dir.file_name()?.to_string_lossy());
     Some(EvidenceRef { path: rel, sha256: hex::encode(Sha256::digest(&data)), bytes: data.len() as u64 })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::guest::fake::{FakeGuest, Reply};
+    use crate::hypervisor::HypervisorError;
+    use crate::report::Verdict;
+
+    struct FakeMachine {
+        guest: Arc<FakeGuest>,
+        torn_down: Arc<Mutex<u32>>,
+    }
+
+    impl Machine for FakeMachine {
+        fn name(&self) -> &str {
+            "patchlab-fake"
+        }
+        fn agent_channel(&self) -> &dyn crate::guest::AgentChannel {
+            &*self.guest
+        }
+        fn host_port(&self, _: u16) -> Option<u16> {
+            None
+        }
+        fn console_log(&self) -> Option<&Path> {
+            None
+        }
+        fn teardown(&mut self) -> Result<(), HypervisorError> {
+            *self.torn_down.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    struct FakeSource {
+        guest: Option<Arc<FakeGuest>>,
+        torn_down: Arc<Mutex<u32>>,
+    }
+
+    impl CloneSource for FakeSource {
+        fn clone_machine(&self, _: &str, _: &str, _: &[u16]) -> Result<Box<dyn Machine>, HypervisorError> {
+            match &self.guest {
+                Some(guest) => Ok(Box::new(FakeMachine { guest: guest.clone(), torn_down: self.torn_down.clone() })),
+                None => Err(HypervisorError::Libvirt { action: "restore clone".into(), message: "no space left on device".into() }),
+            }
+        }
+    }
+
+    /// A guest whose web service works until `dpkg` does what `on_dpkg` says.
+    fn guest(on_install: Reply, on_remove: Reply, breaks_service: bool) -> FakeGuest {
+        let broken = Arc::new(Mutex::new(false));
+        FakeGuest::new(move |program, args| match program {
+            "/bin/mkdir" => Some((0, vec![], vec![])),
+            "/usr/bin/dpkg" if args[0] == "--install" => {
+                *broken.lock().unwrap() = breaks_service;
+                Some(on_install.clone())
+            }
+            "/usr/bin/dpkg" => Some(on_remove.clone()),
+            "/bin/systemctl" => Some(if *broken.lock().unwrap() { (3, b"failed\n".to_vec(), vec![]) } else { (0, b"active\n".to_vec(), vec![]) }),
+            _ => None,
+        })
+    }
+
+    fn lab() -> (Lab, PreparedPatch, tempfile::TempDir) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = format!(
+            "[platforms.p]\nimage = \"{}/images/debian-12.toml\"\n[patches.good]\nkind = \"deb\"\npackage_trees = [\"{}/fixtures/patches/good\"]\n[checks.svc]\nkind = \"command\"\nargv = [\"/bin/systemctl\", \"is-active\", \"nginx\"]\nretries = 0\n",
+            root.display(),
+            root.display()
+        );
+        let lab = Lab::parse(&root.join("labs/unit.toml"), &text).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let patch = crate::patch::prepare(&lab.patches[0], dir.path()).unwrap();
+        (lab, patch, dir)
+    }
+
+    fn run(source: &FakeSource) -> CellResult {
+        let (lab, patch, dir) = lab();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let plan = CellPlan { platform: "p", patch: &patch, clone_name: "patchlab-test-1".into(), host: "fake".into() };
+        run_cell(source, &lab, &plan, runtime.handle(), &CancellationToken::new(), &dir.path().join("evidence"))
+    }
+
+    fn statuses(r: &CellResult) -> [Status; 5] {
+        let c = &r.conditions;
+        [c.baseline.status, c.delivery.status, c.install.status, c.operations.status, c.removal.status]
+    }
+
+    #[test]
+    fn cells_decide_each_condition_and_always_tear_down() {
+        use Status::*;
+        let ok: Reply = (0, vec![], vec![]);
+        let bad: Reply = (1, vec![], b"dpkg: error\n".to_vec());
+        let corrupting = {
+            let mut g = guest(ok.clone(), ok.clone(), false);
+            g.corrupt_writes = true;
+            g
+        };
+        let table: Vec<(&str, Option<FakeGuest>, Verdict, [Status; 5])> = vec![
+            ("good patch", Some(guest(ok.clone(), ok.clone(), false)), Verdict::Pass, [Pass, Pass, Pass, Pass, Pass]),
+            ("install fails", Some(guest(bad.clone(), ok.clone(), false)), Verdict::Fail, [Pass, Pass, Fail, Skipped, Skipped]),
+            ("breaks the service", Some(guest(ok.clone(), ok.clone(), true)), Verdict::Fail, [Pass, Pass, Pass, Fail, Skipped]),
+            ("removal fails", Some(guest(ok.clone(), bad.clone(), false)), Verdict::Fail, [Pass, Pass, Pass, Pass, Fail]),
+            ("corrupted in transit", Some(corrupting), Verdict::Fail, [Pass, Fail, Skipped, Skipped, Skipped]),
+            ("clone fails", None, Verdict::Error, [Error, Skipped, Skipped, Skipped, Skipped]),
+        ];
+        for (name, guest, verdict, want) in table {
+            let torn_down = Arc::new(Mutex::new(0));
+            let has_guest = guest.is_some();
+            let source = FakeSource { guest: guest.map(Arc::new), torn_down: torn_down.clone() };
+            let result = run(&source);
+            assert_eq!(result.verdict, verdict, "{name}: {result:#?}");
+            assert_eq!(statuses(&result), want, "{name}");
+            assert_eq!(*torn_down.lock().unwrap(), u32::from(has_guest), "{name}: torn down once");
+        }
+    }
+}

@@ -174,7 +174,7 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
         }
     }
     let probe_kernel = images.first().map(|(_, i)| i.kernel.clone()).unwrap_or_default();
-    let decision = accel::decide(choice, "qemu-system-x86_64", &probe_kernel).map_err(HypervisorError::from)?;
+    let decision = accel::decide_cached(choice, "qemu-system-x86_64", &probe_kernel, &dirs.root).map_err(HypervisorError::from)?;
     tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
     // Golden states boot in parallel, like cells: cold boots are the slowest step of a first run.
     let goldens: Vec<(String, Result<Golden, HypervisorError>)> = std::thread::scope(|s| {

@@ -1,0 +1,125 @@
+//! Installs and starts what the lab needs, idempotently: a second run does nothing but check.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{run_ok, step};
+
+/// Debian packages the lab needs. On bookworm they come from bookworm-backports, because the
+/// machine's qemu-utils does (LAB-NOTES.md); elsewhere from the default suite.
+const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients", "libvirt-dev", "pkg-config"];
+const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "passt", "openssh-client"];
+
+/// Images the default lab and the test suite run on.
+pub const IMAGES: &[&str] = &["images/debian-12.toml", "images/debian-13.toml"];
+
+pub fn all(root: &Path) -> Result<(), String> {
+    packages()?;
+    daemons()?;
+    build_patchlab(root)?;
+    images(root, IMAGES)
+}
+
+fn have(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query").args(["-W", "-f=${Status}", package]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn codename() -> String {
+    std::fs::read_to_string("/etc/os-release").unwrap_or_default().lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).unwrap_or_default().trim_matches('"').to_string()
+}
+
+pub fn packages() -> Result<(), String> {
+    let missing: Vec<&str> = PACKAGES.iter().chain(PACKAGES_ANY_SUITE).copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        return Err(format!("these packages are missing and there is no apt-get to install them: {}", missing.join(" ")));
+    }
+    step(&format!("installing {}", missing.join(" ")));
+    let backports = codename() == "bookworm";
+    if backports {
+        let list = Path::new("/etc/apt/sources.list.d/patchlab-backports.list");
+        let already = std::fs::read_dir("/etc/apt/sources.list.d").into_iter().flatten().flatten().any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("bookworm-backports"));
+        if !already {
+            std::fs::write(list, "deb http://deb.debian.org/debian bookworm-backports main\n").map_err(|e| format!("write {}: {e} (run as root)", list.display()))?;
+        }
+    }
+    let apt = |args: &[&str]| run_ok(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"));
+    apt(&["update", "-q"])?;
+    let mut from_backports = vec!["install", "-y", "-q", "--no-install-recommends"];
+    if backports {
+        from_backports.extend(["-t", "bookworm-backports"]);
+    }
+    from_backports.extend(PACKAGES);
+    apt(&from_backports)?;
+    let mut rest = vec!["install", "-y", "-q", "--no-install-recommends"];
+    rest.extend(PACKAGES_ANY_SUITE);
+    apt(&rest)
+}
+
+fn running(comm: &str) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+}
+
+fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    while !Path::new(path).exists() {
+        if started.elapsed() > timeout {
+            return Err(format!("{path} did not appear within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Starts virtlogd and libvirtd: with systemd when it runs the machine, directly otherwise.
+pub fn daemons() -> Result<(), String> {
+    let systemd = Path::new("/run/systemd/system").exists();
+    for (daemon, socket) in [("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")] {
+        if running(daemon) && Path::new(socket).exists() {
+            continue;
+        }
+        step(&format!("starting {daemon}"));
+        if systemd {
+            run_ok(Command::new("systemctl").args(["start", daemon]))?;
+        } else {
+            run_ok(Command::new(daemon).arg("-d"))?;
+        }
+        wait_for(socket, Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
+pub fn build_patchlab(root: &Path) -> Result<(), String> {
+    step("building patchlab");
+    run_ok(Command::new(env!("CARGO")).current_dir(root).args(["build", "--quiet", "--package", "patchlab"]))
+}
+
+pub fn patchlab_bin(root: &Path) -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| root.join("target"));
+    target.join("debug").join("patchlab")
+}
+
+/// Builds the images (cached by recipe digest) in parallel: debootstrap waits on the network
+/// and on dpkg more than on the CPU.
+pub fn images(root: &Path, recipes: &[&str]) -> Result<(), String> {
+    step(&format!("ensuring images {}", recipes.join(" ")));
+    let bin = patchlab_bin(root);
+    let children: Vec<_> = recipes
+        .iter()
+        .map(|r| Command::new(&bin).current_dir(root).args(["image", "build", r]).stdout(std::process::Stdio::null()).spawn().map(|c| (r, c)).map_err(|e| format!("start {}: {e}", bin.display())))
+        .collect::<Result<_, _>>()?;
+    let mut failed = Vec::new();
+    for (recipe, mut child) in children {
+        if !child.wait().map(|s| s.success()).unwrap_or(false) {
+            failed.push(*recipe);
+        }
+    }
+    if failed.is_empty() { Ok(()) } else { Err(format!("building images failed: {}", failed.join(" "))) }
+}
