@@ -13,6 +13,11 @@ const EXIT_CODES: &str = "Exit codes:
   2  invalid input or usage (bad lab file, unknown option)
   3  the lab itself broke (libvirt unreachable, a clone or the guest agent failed)";
 
+const VERIFY_EXIT_CODES: &str = "Exit codes:
+  0  the report is valid (verify) or the patch files may ship (gate)
+  1  invalid or refused: every reason is printed, one per line
+  2  usage (unreadable allowed_signers, report or patch file, unknown option)";
+
 #[derive(Parser)]
 #[command(name = "patchlab", version, about = "Qualify security patches on throwaway clones of libvirt guests", after_help = EXIT_CODES)]
 struct Cli {
@@ -42,6 +47,50 @@ enum Command {
         /// Cells at once [default: cores, bounded by free memory].
         #[arg(long)]
         jobs: Option<usize>,
+        /// Sign report.json with this unencrypted OpenSSH ed25519 key (mode 0600); writes report.json.sig.
+        #[arg(long, env = "PATCHLAB_SIGNING_KEY")]
+        key: Option<PathBuf>,
+    },
+    /// Generate an ed25519 signing key: id_ed25519, id_ed25519.pub and allowed_signers in DIR.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// The signer identity written to allowed_signers [default: patchlab@<hostname>].
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Check a signed report: signature, schema, and the sha256 of every evidence and patch file.
+    #[command(after_help = VERIFY_EXIT_CODES)]
+    Verify {
+        /// report.json; its signature is REPORT.sig beside it.
+        report: PathBuf,
+        /// OpenSSH allowed_signers file (see ssh-keygen(1)).
+        #[arg(long)]
+        allowed_signers: PathBuf,
+        /// Require the signer to be listed under this identity.
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Decide whether patch files may ship: the report verifies, is complete and recent, passed, and tested exactly these files.
+    #[command(after_help = VERIFY_EXIT_CODES)]
+    Gate {
+        /// report.json; its signature is REPORT.sig beside it.
+        report: PathBuf,
+        /// OpenSSH allowed_signers file (see ssh-keygen(1)).
+        #[arg(long)]
+        allowed_signers: PathBuf,
+        /// Require the signer to be listed under this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        /// The files about to ship; each must be a file the report tested (same sha256).
+        #[arg(long = "patch", value_name = "FILE", required = true, num_args = 1..)]
+        patches: Vec<PathBuf>,
+        /// The report must be younger than this (units w, d, h, m, s).
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = patchlab::report::gate::parse_duration)]
+        max_age: jiff::SignedDuration,
+        /// Every cell of these platforms must have passed.
+        #[arg(long = "platform", value_name = "NAME", num_args = 1..)]
+        platforms: Vec<String>,
     },
     /// Validate lab files without running anything.
     Lab {
@@ -119,7 +168,10 @@ fn run(cli: Cli) -> u8 {
                 3
             }
         },
-        Command::Run { lab, out, connect, accel, jobs } => {
+        Command::Keygen { out, identity } => signing::keygen(&out, identity),
+        Command::Verify { report, allowed_signers, identity } => signing::verify(&report, &allowed_signers, identity.as_deref()),
+        Command::Gate { report, allowed_signers, identity, patches, max_age, platforms } => signing::gate(&report, &allowed_signers, identity.as_deref(), &patches, max_age, platforms),
+        Command::Run { lab, out, connect, accel, jobs, key } => {
             let lab = match patchlab::lab::Lab::load(&lab) {
                 Ok(lab) => lab,
                 Err(e) => {
@@ -127,8 +179,13 @@ fn run(cli: Cli) -> u8 {
                     return 2;
                 }
             };
+            // A key that cannot sign is refused before hours of cells, not after.
+            if let Some(Err(e)) = key.as_deref().map(patchlab::report::sign::load_signing_key) {
+                eprintln!("error: failed to {e}");
+                return 2;
+            }
             let out_dir = out.unwrap_or_else(|| patchlab::run::default_out_dir(&lab));
-            let opts = patchlab::run::RunOptions { out_dir, uri: connect, cache_dir: cli.cache_dir, accel, jobs };
+            let opts = patchlab::run::RunOptions { out_dir, uri: connect, cache_dir: cli.cache_dir, accel, jobs, signing_key: key };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(async {
                 let cancel = CancellationToken::new();
@@ -159,4 +216,127 @@ async fn cancel_on_signal(cancel: CancellationToken) {
     }
     tracing::warn!("interrupted: tearing down clones and writing an incomplete report");
     cancel.cancel();
+}
+
+/// `keygen`, `verify` and `gate`: read files and the clock, then print what the library decided.
+mod signing {
+    use std::path::{Path, PathBuf};
+
+    use patchlab::report::sign::{self, Verification};
+    use patchlab::report::{Report, gate};
+
+    pub fn keygen(out: &Path, identity: Option<String>) -> u8 {
+        let identity = identity.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+            format!("patchlab@{host}")
+        });
+        match sign::keygen(out, &identity) {
+            Ok(k) => {
+                println!("private key:     {} (keep it secret; pass it to `patchlab run --key`)", k.private_key.display());
+                println!("public key:      {}", k.public_key.display());
+                println!("allowed signers: {} (give it to whoever verifies)", k.allowed_signers.display());
+                println!("identity:        {identity}");
+                println!("fingerprint:     {}", k.fingerprint);
+                0
+            }
+            Err(e) => {
+                eprintln!("error: failed to {e}");
+                2
+            }
+        }
+    }
+
+    fn read_inputs(report: &Path, allowed_signers: &Path) -> Result<String, u8> {
+        if !report.is_file() {
+            eprintln!("error: failed to read report {}: no such file", report.display());
+            return Err(2);
+        }
+        std::fs::read_to_string(allowed_signers).map_err(|e| {
+            eprintln!("error: failed to read allowed signers {}: {e}", allowed_signers.display());
+            2
+        })
+    }
+
+    fn summary(v: &Verification) {
+        let Some(r) = &v.report else { return };
+        println!("verdict:  {}", gate::verdict_name(r.verdict));
+        println!("complete: {}", if r.complete { "yes" } else { "no" });
+        println!("lab:      {} ({}, sha256 {})", r.lab.name, r.lab.file, r.lab.sha256);
+        println!("finished: {}", r.finished_at);
+        match &v.signer {
+            Some(s) => println!("signer:   {} ({})", s.identity, s.fingerprint),
+            None => println!("signer:   none verified"),
+        }
+        print_grid(r);
+    }
+
+    fn print_grid(r: &Report) {
+        let width = r.platforms.iter().map(|p| p.name.chars().count()).max().unwrap_or(0).max("platform".len());
+        let cols: Vec<usize> = r.patches.iter().map(|p| p.name.chars().count().max(7)).collect();
+        let mut head = format!("{:width$}", "platform");
+        for (p, w) in r.patches.iter().zip(&cols) {
+            head.push_str(&format!("  {:w$}", p.name));
+        }
+        println!();
+        println!("{}", head.trim_end());
+        for platform in &r.platforms {
+            let mut line = format!("{:width$}", platform.name);
+            for (patch, w) in r.patches.iter().zip(&cols) {
+                let cell = r.results.iter().find(|c| c.platform == platform.name && c.patch == patch.name).map(|c| gate::verdict_name(c.verdict)).unwrap_or("-");
+                line.push_str(&format!("  {cell:w$}"));
+            }
+            println!("{}", line.trim_end());
+        }
+        println!();
+    }
+
+    pub fn verify(report: &Path, allowed_signers: &Path, identity: Option<&str>) -> u8 {
+        let signers = match read_inputs(report, allowed_signers) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let v = sign::verify_report(report, &signers, identity);
+        summary(&v);
+        if v.is_valid() {
+            println!("valid: {}", report.display());
+            0
+        } else {
+            for p in &v.problems {
+                println!("invalid: {p}");
+            }
+            1
+        }
+    }
+
+    pub fn gate(report: &Path, allowed_signers: &Path, identity: Option<&str>, patches: &[PathBuf], max_age: jiff::SignedDuration, platforms: Vec<String>) -> u8 {
+        let signers = match read_inputs(report, allowed_signers) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let mut patch_files = Vec::new();
+        for p in patches {
+            match sign::sha256_file(p) {
+                Ok(d) => patch_files.push((p.display().to_string(), d)),
+                Err(e) => {
+                    eprintln!("error: failed to read patch file {}: {e}", p.display());
+                    return 2;
+                }
+            }
+        }
+        let v = sign::verify_report(report, &signers, identity);
+        let mut reasons: Vec<String> = v.problems.iter().map(|p| format!("report does not verify: {p}")).collect();
+        if let Some(r) = &v.report {
+            reasons.extend(gate::gate(r, &gate::GateFacts { now: jiff::Timestamp::now(), max_age, patch_files, platforms }));
+        }
+        if reasons.is_empty() {
+            let signer = v.signer.as_ref().map(|s| s.identity.as_str()).unwrap_or("?");
+            println!("approved: {} patch file(s) passed in {} (signed by {signer})", patches.len(), report.display());
+            0
+        } else {
+            for r in &reasons {
+                println!("refused: {r}");
+            }
+            1
+        }
+    }
 }

@@ -24,9 +24,8 @@ pub struct BootSpec {
     pub accel: Accel,
     pub memory_mib: u32,
     pub vcpus: u32,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub cmdline: String,
+    /// Direct kernel boot (kernel, initrd, command line); `None` boots the disk's own bootloader.
+    pub kernel: Option<(PathBuf, PathBuf, String)>,
 }
 
 fn esc(s: &str) -> String {
@@ -61,10 +60,7 @@ pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
   <vcpu>{vcpus}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
+{boot}  </os>
   <features><acpi/></features>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
@@ -97,9 +93,10 @@ pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
         metadata = metadata_element(run_id, role),
         memory = spec.memory_mib,
         vcpus = spec.vcpus,
-        kernel = path(&spec.kernel),
-        initrd = path(&spec.initrd),
-        cmdline = esc(&spec.cmdline),
+        boot = match &spec.kernel {
+            Some((kernel, initrd, cmdline)) => format!("    <kernel>{}</kernel>\n    <initrd>{}</initrd>\n    <cmdline>{}</cmdline>\n", path(kernel), path(initrd), esc(cmdline)),
+            None => "    <boot dev='hd'/>\n".to_string(),
+        },
         disk = path(&id.disk),
         console = path(&id.console),
     )
@@ -166,7 +163,7 @@ mod tests {
     }
 
     fn spec(id: Identity) -> BootSpec {
-        BootSpec { identity: id, accel: Accel::Tcg, memory_mib: 512, vcpus: 1, kernel: "/k".into(), initrd: "/i".into(), cmdline: "root=/dev/vda".into() }
+        BootSpec { identity: id, accel: Accel::Tcg, memory_mib: 512, vcpus: 1, kernel: Some(("/k".into(), "/i".into(), "root=/dev/vda".into())) }
     }
 
     #[test]

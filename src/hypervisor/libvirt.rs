@@ -50,7 +50,39 @@ impl LibvirtHost {
         self.golden(platform, &dir, origin, boot, accel, run_id, cancel)
     }
 
+    /// Returns the golden state of a platform taken from a user's libvirt domain and one of its
+    /// internal snapshots. The user's domain is only read: the snapshot's disk state is exported
+    /// into patchlab's own base image (`qemu-img convert -l snapshot.name=...`), which is booted once
+    /// in a patchlab domain with the same kernel, memory and CPUs but patchlab's isolated network
+    /// and agent channel, and saved like an image platform. The snapshot's own memory state is not
+    /// reused: it belongs to a domain definition patchlab does not control (its network, devices).
+    pub fn golden_from_snapshot(&self, platform: &str, domain_name: &str, snapshot_name: &str, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
+        let fail = |reason: String| HypervisorError::Golden { platform: platform.into(), reason };
+        let domain = self.conn.lookup_domain_by_name(domain_name).map_err(|e| fail(format!("libvirt has no domain `{domain_name}` ({})", e.message())))?;
+        let snapshot = Domain::lookup_snapshot_by_name(&domain, snapshot_name, 0).map_err(|e| fail(format!("domain `{domain_name}` has no snapshot `{snapshot_name}` ({})", e.message())))?;
+        let snap_xml = snapshot.xml_desc(0).map_err(HypervisorError::libvirt(format!("read snapshot {snapshot_name}")))?;
+        let facts = SnapshotFacts::parse(&snap_xml).map_err(|reason| fail(format!("snapshot `{snapshot_name}` of `{domain_name}`: {reason}")))?;
+        let uuid = domain.uuid_string().map_err(HypervisorError::libvirt("read domain uuid"))?;
+        let key = golden_key(&[&uuid, snapshot_name, &facts.creation_time, accel.as_str()]);
+        let dir = self.dirs.golden().join(format!("{platform}-{key}"));
+        let origin = GoldenOrigin::DomainSnapshot { domain: domain_name.into(), snapshot: snapshot_name.into() };
+        let base = dir.join("base.qcow2");
+        let boot = BootPlan { backing: base.clone(), kernel: facts.kernel.clone(), memory_mib: facts.memory_mib, vcpus: facts.vcpus, services: vec![] };
+        let disk = facts.disk.clone();
+        let snapshot_name = snapshot_name.to_string();
+        self.golden_with(platform, &dir, origin, boot, accel, run_id, cancel, move || {
+            // -U: the user's domain may be running; the snapshot's clusters are immutable anyway.
+            super::run_tool("qemu-img", &["convert".as_ref(), "-U".as_ref(), "-O".as_ref(), "qcow2".as_ref(), "-l".as_ref(), format!("snapshot.name={snapshot_name}").as_ref(), disk.as_os_str(), base.as_os_str()])?;
+            make_read_only(&base)
+        })
+    }
+
     fn golden(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
+        self.golden_with(platform, dir, origin, boot, accel, run_id, cancel, || Ok(()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn golden_with(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken, make_base: impl FnOnce() -> Result<(), HypervisorError>) -> Result<Golden, HypervisorError> {
         if let Some(golden) = Golden::load(dir)? {
             return Ok(golden);
         }
@@ -65,7 +97,7 @@ impl LibvirtHost {
         }
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
-        let result = self.boot_and_save(platform, dir, origin, boot, accel, run_id, cancel);
+        let result = make_base().and_then(|()| self.boot_and_save(platform, dir, origin, boot, accel, run_id, cancel));
         if result.is_err() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -84,8 +116,7 @@ impl LibvirtHost {
             console: dir.join("console.log"),
             ports: vec![],
         };
-        let (kernel, initrd, cmdline) = boot.kernel.clone().expect("image platforms boot their kernel directly");
-        let spec = BootSpec { identity: identity.clone(), accel, memory_mib: boot.memory_mib, vcpus: boot.vcpus, kernel, initrd, cmdline };
+        let spec = BootSpec { identity: identity.clone(), accel, memory_mib: boot.memory_mib, vcpus: boot.vcpus, kernel: boot.kernel.clone() };
         let xml = domain_xml::boot_xml(&spec, run_id, "golden");
         tracing::info!(platform, accel = accel.as_str(), "booting golden state (first use of this image; cached afterwards)");
         let domain = self.conn.create_domain_xml(&xml, 0).map_err(HypervisorError::libvirt(format!("start golden domain {}", identity.name)))?;
@@ -183,6 +214,59 @@ impl LibvirtHost {
     pub fn patchlab_domains(&self) -> Result<Vec<String>, HypervisorError> {
         let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
         Ok(domains.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(NAME_PREFIX)).collect())
+    }
+}
+
+/// What patchlab needs from a snapshot's domain definition to boot its disk state again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SnapshotFacts {
+    creation_time: String,
+    disk: PathBuf,
+    kernel: Option<(PathBuf, PathBuf, String)>,
+    memory_mib: u32,
+    vcpus: u32,
+}
+
+impl SnapshotFacts {
+    fn parse(xml: &str) -> Result<SnapshotFacts, String> {
+        let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable snapshot XML: {e}"))?;
+        let root = doc.root_element();
+        fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+            node.children().find(|c| c.has_tag_name(name))
+        }
+        fn text(node: Option<roxmltree::Node<'_, '_>>) -> Option<String> {
+            node.and_then(|n| n.text()).map(|t| t.trim().to_string())
+        }
+        let creation_time = text(child(root, "creationTime")).ok_or("no creationTime")?;
+        let internal = root.descendants().filter(|n| n.has_tag_name("disk") && n.parent().is_some_and(|p| p.has_tag_name("disks"))).all(|d| matches!(d.attribute("snapshot"), Some("internal") | Some("no") | None));
+        if !internal {
+            return Err("only internal snapshots (the default of `virsh snapshot-create-as`) are supported".into());
+        }
+        let domain = child(root, "domain").ok_or("the snapshot carries no domain definition")?;
+        let devices = child(domain, "devices").ok_or("no devices")?;
+        let disks: Vec<_> = devices.children().filter(|d| d.has_tag_name("disk") && d.attribute("device").unwrap_or("disk") == "disk").collect();
+        if disks.len() != 1 {
+            return Err(format!("patchlab clones domains with exactly one disk; this one has {}", disks.len()));
+        }
+        let disk = child(disks[0], "source").and_then(|s| s.attribute("file")).ok_or("the disk is not a file")?;
+        if child(disks[0], "driver").and_then(|d| d.attribute("type")) != Some("qcow2") {
+            return Err("the disk is not qcow2, so it cannot hold internal snapshots".into());
+        }
+        let os = child(domain, "os").ok_or("no <os>")?;
+        let kernel = match (text(child(os, "kernel")), text(child(os, "initrd"))) {
+            (Some(k), Some(i)) => Some((PathBuf::from(k), PathBuf::from(i), text(child(os, "cmdline")).unwrap_or_default())),
+            _ => None,
+        };
+        let memory = child(domain, "memory").ok_or("no <memory>")?;
+        let amount: u64 = memory.text().unwrap_or("").trim().parse().map_err(|_| "unreadable <memory>")?;
+        let memory_mib = match memory.attribute("unit").unwrap_or("KiB") {
+            "KiB" | "k" => amount / 1024,
+            "MiB" | "M" => amount,
+            "GiB" | "G" => amount * 1024,
+            other => return Err(format!("memory unit {other} not understood")),
+        } as u32;
+        let vcpus = text(child(domain, "vcpu")).and_then(|v| v.parse().ok()).unwrap_or(1);
+        Ok(SnapshotFacts { creation_time, disk: disk.into(), kernel, memory_mib, vcpus })
     }
 }
 

@@ -4,6 +4,7 @@
 mod error;
 mod schema;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -88,71 +89,142 @@ impl Lab {
 
     pub fn parse(path: &Path, text: &str) -> Result<Lab, LabError> {
         use sha2::{Digest, Sha256};
+        let err = |span: Range<usize>, message: String| LabError::at(path, text, span, message);
+        let whole = |message: String| LabError::whole_file(path, message);
+        if text.trim().is_empty() {
+            return Err(whole("the lab file is empty: a lab needs at least one [platforms.NAME] table and one [patches.NAME] table (see docs/lab-format.md)".into()));
+        }
         let raw: RawLab = toml::from_str(text).map_err(|e| LabError::from_toml(path, text, &e))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let err = |span: std::ops::Range<usize>, message: String| LabError::at(path, text, span, message);
+        let base = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if let Some(name) = &raw.name {
+            check_name(name.get_ref()).map_err(|m| err(name.span(), format!("lab `name`: {m}")))?;
+        }
         if raw.platforms.is_empty() {
-            return Err(err(0..0, "the lab has no platforms: add at least one [platforms.NAME] table".into()));
+            return Err(whole("the lab has no platforms: add at least one [platforms.NAME] table with `image` or `domain` + `snapshot`".into()));
         }
         if raw.patches.is_empty() {
-            return Err(err(0..0, "the lab has no patches: add at least one [patches.NAME] table".into()));
+            return Err(whole("the lab has no patches: add at least one [patches.NAME] table with `kind = \"deb\"` and `files` or `package_trees`".into()));
         }
-        let resolve = |p: &toml::Spanned<String>, what: &str| -> Result<PathBuf, LabError> {
+        let existing = |p: &toml::Spanned<String>, what: &str| -> Result<PathBuf, LabError> {
+            if p.get_ref().trim().is_empty() {
+                return Err(err(p.span(), format!("the {what} path is empty")));
+            }
             let full = base.join(p.get_ref());
             if !full.exists() {
-                return Err(err(p.span(), format!("{what} `{}` does not exist (looked for {})", p.get_ref(), full.display())));
+                return Err(err(p.span(), format!("{what} `{}` does not exist (looked for {}; paths are relative to the lab file's directory)", p.get_ref(), full.display())));
             }
             Ok(full)
         };
+        let root = LabRoot::of(base);
+        // Patch paths must exist; a relative one must also stay, symlinks followed, inside the lab root.
+        // An absolute path is an explicit reference to a file on this host and is taken as written.
+        // See "Paths" in docs/lab-format.md.
+        let patch_path = |p: &toml::Spanned<String>, what: &str| -> Result<PathBuf, LabError> {
+            let full = existing(p, what)?;
+            if Path::new(p.get_ref()).is_absolute() {
+                return Ok(full);
+            }
+            let root = root.as_ref().map_err(|e| whole(format!("cannot resolve the lab file's directory {}: {e}", base.display())))?;
+            let canonical = full.canonicalize().map_err(|e| err(p.span(), format!("cannot resolve {what} `{}`: {e}", p.get_ref())))?;
+            if !canonical.starts_with(&root.dir) {
+                return Err(err(
+                    p.span(),
+                    format!("{what} `{}` is outside the lab root, {}: relative patch paths must stay inside it; write an absolute path to use a file elsewhere on this host", p.get_ref(), root.describe()),
+                ));
+            }
+            Ok(full)
+        };
+
         let mut platforms = Vec::new();
-        for (name, RawPlatform { image, domain, snapshot }) in &raw.platforms {
-            check_name(name).map_err(|m| err(0..0, format!("platform `{name}`: {m}")))?;
+        for (key, RawPlatform { image, domain, snapshot }) in &raw.platforms {
+            let name = key.get_ref();
+            check_name(name).map_err(|m| err(key.span(), format!("platform name: {m}")))?;
             let source = match (image, domain, snapshot) {
-                (Some(image), None, None) => PlatformSource::Image(resolve(image, "image recipe")?),
-                (None, Some(domain), Some(snapshot)) => PlatformSource::DomainSnapshot { domain: domain.get_ref().clone(), snapshot: snapshot.get_ref().clone() },
-                (None, Some(domain), None) => return Err(err(domain.span(), format!("platform `{name}` names a domain but no `snapshot` to clone it from"))),
-                (Some(image), Some(_), _) | (Some(image), _, Some(_)) => return Err(err(image.span(), format!("platform `{name}` has both `image` and `domain`/`snapshot`: give one source"))),
-                (None, None, _) => return Err(err(0..0, format!("platform `{name}` needs `image = \"path/to/recipe.toml\"` or `domain` and `snapshot`"))),
+                (Some(image), None, None) => {
+                    let recipe = existing(image, "image recipe")?;
+                    if !recipe.is_file() {
+                        return Err(err(image.span(), format!("platform `{name}`: image recipe `{}` is a directory, not a recipe file like \"../images/debian-12.toml\"", image.get_ref())));
+                    }
+                    PlatformSource::Image(recipe)
+                }
+                (None, Some(domain), Some(snapshot)) => {
+                    for (key, value) in [("domain", domain), ("snapshot", snapshot)] {
+                        if value.get_ref().trim().is_empty() {
+                            return Err(err(value.span(), format!("platform `{name}`: `{key}` is empty")));
+                        }
+                    }
+                    PlatformSource::DomainSnapshot { domain: domain.get_ref().clone(), snapshot: snapshot.get_ref().clone() }
+                }
+                (None, Some(domain), None) => {
+                    return Err(err(domain.span(), format!("platform `{name}` names domain `{}` but no `snapshot`: add `snapshot = \"NAME\"`, the snapshot of that domain every clone starts from", domain.get_ref())))
+                }
+                (None, None, Some(snapshot)) => {
+                    return Err(err(snapshot.span(), format!("platform `{name}` names snapshot `{}` but no `domain`: add `domain = \"NAME\"`, the libvirt domain the snapshot belongs to", snapshot.get_ref())))
+                }
+                (Some(image), Some(_), _) | (Some(image), _, Some(_)) => {
+                    return Err(err(image.span(), format!("platform `{name}` has both `image` and `domain`/`snapshot`: give either an image recipe or a libvirt domain and snapshot, not both")))
+                }
+                (None, None, None) => {
+                    return Err(err(key.span(), format!("platform `{name}` has no source: give `image = \"path/to/recipe.toml\"`, or `domain` and `snapshot` of a libvirt domain")))
+                }
             };
             platforms.push(Platform { name: name.clone(), source });
         }
+
         let mut patches = Vec::new();
-        for (name, RawPatch { kind, files, package_trees }) in &raw.patches {
-            check_name(name).map_err(|m| err(0..0, format!("patch `{name}`: {m}")))?;
+        for (key, RawPatch { kind, files, package_trees }) in &raw.patches {
+            let name = key.get_ref();
+            check_name(name).map_err(|m| err(key.span(), format!("patch name: {m}")))?;
+            if kind.is_none() {
+                return Err(err(key.span(), format!("patch `{name}` has no `kind`: add `kind = \"deb\"` (the only kind so far)")));
+            }
             let mut sources = Vec::new();
             for f in files {
-                sources.push(PatchSource::File(resolve(f, "patch file")?));
+                let file = patch_path(f, "patch file")?;
+                if !file.is_file() {
+                    return Err(err(f.span(), format!("patch `{name}`: patch file `{}` is a directory: list .deb files under `files` and package trees under `package_trees`", f.get_ref())));
+                }
+                sources.push(PatchSource::File(file));
             }
             for t in package_trees {
-                let dir = resolve(t, "package tree")?;
+                let dir = patch_path(t, "package tree")?;
+                if !dir.is_dir() {
+                    return Err(err(t.span(), format!("patch `{name}`: package tree `{}` is a file, not a directory: list .deb files under `files`", t.get_ref())));
+                }
                 if !dir.join("DEBIAN/control").is_file() {
-                    return Err(err(t.span(), format!("package tree `{}` has no DEBIAN/control", t.get_ref())));
+                    return Err(err(t.span(), format!("patch `{name}`: package tree `{}` has no DEBIAN/control: a package tree is the directory `dpkg-deb --build` takes, with DEBIAN/control at its top", t.get_ref())));
                 }
                 sources.push(PatchSource::Tree(dir));
             }
             if sources.is_empty() {
-                return Err(err(kind.span(), format!("patch `{name}` has no `files` and no `package_trees`")));
+                return Err(err(key.span(), format!("patch `{name}` has no `files` and no `package_trees`: give at least one .deb file or package tree")));
             }
             patches.push(Patch { name: name.clone(), kind: PatchKind::Deb, sources });
         }
+
         let mut checks = Vec::new();
-        for (name, raw_check) in &raw.checks {
-            check_name(name).map_err(|m| err(0..0, format!("check `{name}`: {m}")))?;
-            let kind = check_kind(name, raw_check).map_err(|(s, m)| err(s, m))?;
-            let timeout = parse_duration(raw_check.timeout.as_ref()).map_err(|(s, m)| err(s, format!("check `{name}`: {m}")))?.unwrap_or(Duration::from_secs(10));
-            let retries = raw_check.retries.as_ref().map(|r| *r.get_ref()).unwrap_or(2);
-            if retries > 20 {
-                return Err(err(raw_check.retries.as_ref().unwrap().span(), format!("check `{name}`: at most 20 retries")));
-            }
+        for (key, raw_check) in &raw.checks {
+            let name = key.get_ref();
+            check_name(name).map_err(|m| err(key.span(), format!("check name: {m}")))?;
+            let kind = check_kind(name, key.span(), raw_check).map_err(|(s, m)| err(s, m))?;
+            let timeout = parse_duration("timeout", raw_check.timeout.as_ref()).map_err(|(s, m)| err(s, format!("check `{name}`: {m}")))?.unwrap_or(DEFAULT_CHECK_TIMEOUT);
+            let retries = match &raw_check.retries {
+                None => DEFAULT_RETRIES,
+                Some(r) => u32::try_from(*r.get_ref()).ok().filter(|r| *r <= MAX_RETRIES).ok_or_else(|| err(r.span(), format!("check `{name}`: `retries = {}` is out of range: use 0 to {MAX_RETRIES} (retries after the first try)", r.get_ref())))?,
+            };
             checks.push(Check { name: name.clone(), kind, timeout, retries });
         }
         let settings = &raw.settings;
+        let setting = |key: &str, value| parse_duration(key, value).map_err(|(s, m)| err(s, format!("settings: {m}")));
         let settings = Settings {
-            install_timeout: parse_duration(settings.install_timeout.as_ref()).map_err(|(s, m)| err(s, m))?.unwrap_or(Duration::from_secs(600)),
-            remove_timeout: parse_duration(settings.remove_timeout.as_ref()).map_err(|(s, m)| err(s, m))?.unwrap_or(Duration::from_secs(600)),
+            install_timeout: setting("install_timeout", settings.install_timeout.as_ref())?.unwrap_or(DEFAULT_SETTINGS_TIMEOUT),
+            remove_timeout: setting("remove_timeout", settings.remove_timeout.as_ref())?.unwrap_or(DEFAULT_SETTINGS_TIMEOUT),
         };
         Ok(Lab {
-            name: raw.name.clone().unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned()),
+            name: raw.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned()),
             path: path.to_path_buf(),
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             platforms,
@@ -163,12 +235,57 @@ impl Lab {
     }
 }
 
-type Spanned<T> = std::result::Result<T, (std::ops::Range<usize>, String)>;
+/// Defaults and limits of the lab format (documented in docs/lab-format.md).
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const MAX_RETRIES: u32 = 20;
+pub const DEFAULT_SETTINGS_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The directory every patch path must stay inside: the nearest enclosing git checkout of the lab
+/// file's directory (the directory holding `.git`), or, outside any checkout, the parent of the lab
+/// file's directory (labs live in `labs/` beside what they test).
+struct LabRoot {
+    dir: PathBuf,
+    /// How many `..` lead from the lab file's directory to `dir`.
+    up: usize,
+    in_checkout: bool,
+}
+
+impl LabRoot {
+    fn of(lab_dir: &Path) -> std::io::Result<LabRoot> {
+        let lab_dir = lab_dir.canonicalize()?;
+        if let Some((up, dir)) = lab_dir.ancestors().enumerate().find(|(_, dir)| dir.join(".git").exists()) {
+            return Ok(LabRoot { dir: dir.to_path_buf(), up, in_checkout: true });
+        }
+        let (up, dir) = match lab_dir.parent() {
+            Some(parent) => (1, parent.to_path_buf()),
+            None => (0, lab_dir),
+        };
+        Ok(LabRoot { dir, up, in_checkout: false })
+    }
+
+    /// Where the root is, relative to the lab file, so that messages read the same on every machine.
+    fn describe(&self) -> String {
+        let relative = if self.up == 0 { ".".to_string() } else { vec![".."; self.up].join("/") };
+        if self.in_checkout {
+            format!("the git checkout that holds the lab file (`{relative}` from its directory)")
+        } else {
+            format!("the parent of the lab file's directory (`{relative}`)")
+        }
+    }
+}
+
+type Spanned<T> = std::result::Result<T, (Range<usize>, String)>;
 
 /// Builds a check from its flat table, refusing keys that do not apply to its kind.
-fn check_kind(name: &str, c: &RawCheck) -> Spanned<CheckKind> {
+fn check_kind(name: &str, name_span: Range<usize>, c: &RawCheck) -> Spanned<CheckKind> {
     use schema::RawCheckKind as K;
-    let kind = *c.kind.get_ref();
+    let Some(kind) = &c.kind else {
+        return Err((name_span, format!("check `{name}` has no `kind`: add `kind = \"http\"`, `\"tcp\"` or `\"command\"`")));
+    };
+    let kind_span = kind.span();
+    let kind = *kind.get_ref();
     let applies: &[&str] = match kind {
         K::Http => &["port", "path", "status", "body_contains"],
         K::Tcp => &["port"],
@@ -187,39 +304,194 @@ fn check_kind(name: &str, c: &RawCheck) -> Spanned<CheckKind> {
     for (key, span) in given {
         if let Some(span) = span {
             if !applies.contains(&key) {
-                return Err((span, format!("check `{name}`: `{key}` does not apply to {kind_name} checks, which take {}", applies.join(", "))));
+                let valid: Vec<String> = applies.iter().map(|k| format!("`{k}`")).collect();
+                return Err((span, format!("check `{name}`: `{key}` does not apply to {kind_name} checks, which take {} (and `timeout`, `retries`)", valid.join(", "))));
             }
         }
     }
-    let port = || c.port.as_ref().map(|p| *p.get_ref()).filter(|p| *p != 0).ok_or((c.kind.span(), format!("check `{name}`: {kind_name} checks need a `port` (1-65535)")));
+    let port = || -> Spanned<u16> {
+        let Some(port) = &c.port else {
+            return Err((kind_span.clone(), format!("check `{name}`: {kind_name} checks need a `port`, the guest port to reach (1-65535)")));
+        };
+        u16::try_from(*port.get_ref()).ok().filter(|p| *p != 0).ok_or((port.span(), format!("check `{name}`: `port = {}` is not a TCP port: use 1-65535", port.get_ref())))
+    };
     Ok(match kind {
         K::Http => CheckKind::Http {
             port: port()?,
-            path: c.path.as_ref().map(|p| p.get_ref().clone()).unwrap_or_else(|| "/".into()),
-            status: c.status.as_ref().map(|s| *s.get_ref()).unwrap_or(200),
+            path: match &c.path {
+                None => "/".into(),
+                Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+                Some(p) => return Err((p.span(), format!("check `{name}`: `path` must start with `/`, like \"/\" or \"/health\", not \"{}\"", p.get_ref()))),
+            },
+            status: match &c.status {
+                None => 200,
+                Some(s) => u16::try_from(*s.get_ref()).ok().filter(|s| (100..=599).contains(s)).ok_or((s.span(), format!("check `{name}`: `status = {}` is not an HTTP status: use 100-599", s.get_ref())))?,
+            },
             body_contains: c.body_contains.as_ref().map(|b| b.get_ref().clone()),
         },
         K::Tcp => CheckKind::Tcp { port: port()? },
         K::Command => {
-            let argv = c.argv.as_ref().filter(|a| !a.get_ref().is_empty()).ok_or((c.kind.span(), format!("check `{name}`: command checks need a non-empty `argv`")))?;
-            if !argv.get_ref()[0].starts_with('/') {
-                return Err((argv.span(), format!("check `{name}`: argv[0] must be an absolute path in the guest, like \"/bin/systemctl\"")));
+            let argv = c.argv.as_ref().ok_or((kind_span.clone(), format!("check `{name}`: command checks need `argv`, the command and its arguments, like [\"/bin/systemctl\", \"is-active\", \"nginx\"]")))?;
+            let Some(program) = argv.get_ref().first() else {
+                return Err((argv.span(), format!("check `{name}`: `argv` is empty: give the command and its arguments, like [\"/bin/systemctl\", \"is-active\", \"nginx\"]")));
+            };
+            if !program.starts_with('/') {
+                return Err((argv.span(), format!("check `{name}`: the command `{program}` must be an absolute path in the guest, like \"/bin/systemctl\" (commands run without a shell or PATH)")));
             }
-            CheckKind::Command { argv: argv.get_ref().clone(), exit_code: c.exit_code.as_ref().map(|e| *e.get_ref()).unwrap_or(0), stdout_contains: c.stdout_contains.as_ref().map(|s| s.get_ref().clone()) }
+            let exit_code = match &c.exit_code {
+                None => 0,
+                Some(e) if (0..=255).contains(e.get_ref()) => *e.get_ref(),
+                Some(e) => return Err((e.span(), format!("check `{name}`: `exit_code = {}` is not an exit status: use 0-255", e.get_ref()))),
+            };
+            CheckKind::Command { argv: argv.get_ref().clone(), exit_code, stdout_contains: c.stdout_contains.as_ref().map(|s| s.get_ref().clone()) }
         }
     })
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty() && name.len() <= 40 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok { Ok(()) } else { Err("names use letters, digits, `-`, `_` and `.` only, at most 40 of them".into()) }
+    const RULE: &str = "names use letters, digits, `-`, `_` and `.`, at most 40 characters";
+    if name.is_empty() {
+        return Err(format!("the name is empty: {RULE}"));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("`{name}` contains {bad:?}: {RULE}"));
+    }
+    if name.len() > 40 {
+        return Err(format!("`{name}` is {} characters long: {RULE}", name.len()));
+    }
+    Ok(())
 }
 
-fn parse_duration(value: Option<&toml::Spanned<String>>) -> Spanned<Option<Duration>> {
+/// A duration setting: a string with units, like "30s", "5m" or "1h30m"; more than zero and at most 24h.
+fn parse_duration(key: &str, value: Option<&toml::Spanned<toml::Value>>) -> Spanned<Option<Duration>> {
     let Some(value) = value else { return Ok(None) };
-    let parsed: jiff::SignedDuration = value.get_ref().parse().map_err(|e| (value.span(), format!("`{}` is not a duration like \"30s\" or \"5m\": {e}", value.get_ref())))?;
+    let span = value.span();
+    let text = match value.get_ref() {
+        toml::Value::String(text) => text,
+        toml::Value::Integer(n) => return Err((span, format!("`{key} = {n}` has no unit: write durations as strings with a unit, like \"{n}s\" or \"{n}m\""))),
+        other => return Err((span, format!("`{key}` must be a duration string like \"30s\" or \"5m\", not a {}", other.type_str()))),
+    };
+    let invalid = || (span.clone(), format!("`{key} = \"{text}\"` is not a duration: write a number and a unit, like \"30s\", \"5m\" or \"1h\""));
+    let parsed: jiff::SignedDuration = text.parse().map_err(|_| invalid())?;
     if parsed.is_negative() || parsed.is_zero() {
-        return Err((value.span(), format!("duration `{}` must be positive", value.get_ref())));
+        return Err((span, format!("`{key} = \"{text}\"` must be longer than zero")));
     }
-    Duration::try_from(parsed).map(Some).map_err(|e| (value.span(), e.to_string()))
+    let duration = Duration::try_from(parsed).map_err(|_| invalid())?;
+    if duration > MAX_TIMEOUT {
+        return Err((span, format!("`{key} = \"{text}\"` is longer than the maximum of 24h")));
+    }
+    Ok(Some(duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lab root outside any git checkout: `<tmp>/labs/` for labs, a recipe and a package tree beside.
+    fn project() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!dir.path().ancestors().any(|a| a.join(".git").exists()), "the temp dir is not in a checkout");
+        std::fs::create_dir_all(dir.path().join("labs")).unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/debian-12.toml"), "").unwrap();
+        std::fs::create_dir_all(dir.path().join("patches/good/DEBIAN")).unwrap();
+        std::fs::write(dir.path().join("patches/good/DEBIAN/control"), "Package: good\n").unwrap();
+        std::fs::write(dir.path().join("patches/fix.deb"), "!<arch>\n").unwrap();
+        dir
+    }
+
+    fn lab_with(dir: &Path, lab: &str, patch: &str) -> Result<Lab, LabError> {
+        let path = dir.join(lab);
+        let up = "../".repeat(Path::new(lab).components().count() - 1);
+        let text = format!("[platforms.p]\nimage = \"{up}images/debian-12.toml\"\n\n[patches.x]\nkind = \"deb\"\n{patch}\n");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        Lab::load(&path)
+    }
+
+    #[test]
+    fn lab_patch_paths_stay_inside_the_parent_of_the_lab_directory_outside_a_checkout() {
+        let dir = project();
+        let lab = lab_with(dir.path(), "labs/a.toml", "package_trees = [\"../patches/good\"]\nfiles = [\"../patches/fix.deb\"]").unwrap();
+        assert_eq!(lab.patches[0].sources.len(), 2);
+        let e = lab_with(dir.path(), "labs/a.toml", "package_trees = [\"../..\"]").unwrap_err();
+        assert!(e.message.contains("is outside the lab root") && e.message.contains("(`..`)"), "{e}");
+        assert_eq!((e.line, e.column), (6, 18), "{e}");
+        // An absolute path says where it reads and is taken as written, inside the root or not.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("fix.deb"), "!<arch>\n").unwrap();
+        let lab = lab_with(dir.path(), "labs/a.toml", &format!("files = [\"{}\"]", elsewhere.path().join("fix.deb").display())).unwrap();
+        assert_eq!(lab.patches[0].sources, [PatchSource::File(elsewhere.path().join("fix.deb"))]);
+        // A lab one level deeper has a narrower root: its own directory's parent.
+        let e = lab_with(dir.path(), "labs/team/a.toml", "package_trees = [\"../../patches/good\"]").unwrap_err();
+        assert!(e.message.contains("is outside the lab root"), "{e}");
+    }
+
+    #[test]
+    fn lab_patch_paths_may_use_the_whole_git_checkout() {
+        let dir = project();
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        lab_with(dir.path(), "labs/team/a.toml", "package_trees = [\"../../patches/good\"]").unwrap();
+        let e = lab_with(dir.path(), "labs/team/a.toml", "package_trees = [\"../../..\"]").unwrap_err();
+        assert!(e.message.contains("the git checkout that holds the lab file (`../..` from its directory)"), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn lab_patch_paths_are_checked_after_following_symlinks() {
+        let dir = project();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(outside.path().join("DEBIAN")).unwrap();
+        std::fs::write(outside.path().join("DEBIAN/control"), "Package: evil\n").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("patches/link")).unwrap();
+        let e = lab_with(dir.path(), "labs/a.toml", "package_trees = [\"../patches/link\"]").unwrap_err();
+        assert!(e.message.contains("is outside the lab root"), "{e}");
+    }
+
+    fn duration(text: &str) -> Spanned<Option<Duration>> {
+        let value: toml::Spanned<toml::Value> = toml::from_str::<std::collections::BTreeMap<String, toml::Spanned<toml::Value>>>(&format!("t = {text}")).unwrap().remove("t").unwrap();
+        parse_duration("timeout", Some(&value))
+    }
+
+    #[test]
+    fn lab_durations_are_positive_strings_with_units_up_to_a_day() {
+        assert_eq!(duration("\"30s\"").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(duration("\"5m\"").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(duration("\"1h30m\"").unwrap(), Some(Duration::from_secs(5400)));
+        assert_eq!(duration("\"24h\"").unwrap(), Some(MAX_TIMEOUT));
+        assert_eq!(duration("\"2 minutes\"").unwrap(), Some(Duration::from_secs(120)));
+        assert_eq!(duration("\"PT5M\"").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(duration("\"1.5s\"").unwrap(), Some(Duration::from_millis(1500)));
+        for (bad, says) in [("\"0s\"", "longer than zero"), ("\"-5s\"", "longer than zero"), ("\"soon\"", "is not a duration"), ("\"30\"", "is not a duration"), ("30", "has no unit"), ("\"25h\"", "maximum of 24h"), ("1.5", "not a float")] {
+            let (_, message) = duration(bad).unwrap_err();
+            assert!(message.contains(says), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn lab_names_are_short_and_plain() {
+        for good in ["debian-12", "web_1", "v1.2", &"x".repeat(40)] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", "debian 12", "a/b", "é", &"x".repeat(41)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The complete example in docs/lab-format.md uses the schema as it is (its patch files are
+    /// illustrations, so only the schema and the per-table rules are checked).
+    #[test]
+    fn lab_format_doc_example_matches_the_schema() {
+        let doc = include_str!("../../docs/lab-format.md");
+        let example = doc.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
+        let raw: RawLab = toml::from_str(example).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.platforms.len(), 3);
+        assert_eq!(raw.patches.len(), 2);
+        assert_eq!(raw.checks.len(), 3);
+        for (key, check) in &raw.checks {
+            check_kind(key.get_ref(), key.span(), check).unwrap_or_else(|(_, m)| panic!("{m}"));
+            parse_duration("timeout", check.timeout.as_ref()).unwrap();
+        }
+        parse_duration("install_timeout", raw.settings.install_timeout.as_ref()).unwrap();
+    }
 }

@@ -8,13 +8,14 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLab {
-    pub name: Option<String>,
+    pub name: Option<Spanned<String>>,
+    // Keys are spanned so that errors about a table point at its `[kind.NAME]` header.
     #[serde(default)]
-    pub platforms: BTreeMap<String, RawPlatform>,
+    pub platforms: BTreeMap<Spanned<String>, RawPlatform>,
     #[serde(default)]
-    pub patches: BTreeMap<String, RawPatch>,
+    pub patches: BTreeMap<Spanned<String>, RawPatch>,
     #[serde(default)]
-    pub checks: BTreeMap<String, RawCheck>,
+    pub checks: BTreeMap<Spanned<String>, RawCheck>,
     #[serde(default)]
     pub settings: RawSettings,
 }
@@ -30,7 +31,8 @@ pub struct RawPlatform {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPatch {
-    pub kind: Spanned<RawPatchKind>,
+    /// Required; optional here so that a missing `kind` gets a message that names the valid kinds.
+    pub kind: Option<Spanned<RawPatchKind>>,
     #[serde(default)]
     pub files: Vec<Spanned<String>>,
     #[serde(default)]
@@ -43,20 +45,23 @@ pub enum RawPatchKind {
     Deb,
 }
 
-/// A check as written: one flat table whose `kind` decides which other keys apply.
+/// A check as written: one flat table whose `kind` decides which other keys apply. Numbers are read
+/// as i64 and range-checked in `lab::check_kind`, so that `port = 0` or `port = 70000` gets a message
+/// about ports rather than about integer types.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCheck {
-    pub kind: Spanned<RawCheckKind>,
-    pub port: Option<Spanned<u16>>,
+    /// Required; optional here so that a missing `kind` gets a message that names the valid kinds.
+    pub kind: Option<Spanned<RawCheckKind>>,
+    pub port: Option<Spanned<i64>>,
     pub path: Option<Spanned<String>>,
-    pub status: Option<Spanned<u16>>,
+    pub status: Option<Spanned<i64>>,
     pub body_contains: Option<Spanned<String>>,
     pub argv: Option<Spanned<Vec<String>>>,
     pub exit_code: Option<Spanned<i64>>,
     pub stdout_contains: Option<Spanned<String>>,
-    pub timeout: Option<Spanned<String>>,
-    pub retries: Option<Spanned<u32>>,
+    pub timeout: Option<Spanned<toml::Value>>,
+    pub retries: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +96,7 @@ impl CheckKind {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSettings {
-    pub install_timeout: Option<Spanned<String>>,
-    pub remove_timeout: Option<Spanned<String>>,
+    // Durations are read as any value so that `timeout = 30` can be told to add a unit.
+    pub install_timeout: Option<Spanned<toml::Value>>,
+    pub remove_timeout: Option<Spanned<toml::Value>>,
 }

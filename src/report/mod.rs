@@ -1,6 +1,8 @@
 //! The qualification report: plain data, the verdict rules, and its canonical bytes.
 //! Nothing here does IO except [`Report::write`].
 
+pub mod gate;
+pub mod sign;
 pub mod verdict;
 
 use std::path::Path;

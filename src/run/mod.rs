@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub cache_dir: PathBuf,
     pub accel: AccelChoice,
     pub jobs: Option<usize>,
+    /// Sign report.json with this OpenSSH ed25519 key (writes report.json.sig beside it).
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,8 @@ pub enum RunError {
     Io { action: String, source: std::io::Error },
     #[error("platform `{platform}`: {reason}")]
     Platform { platform: String, reason: String },
+    #[error(transparent)]
+    Sign(#[from] report::sign::SignError),
 }
 
 /// Clones restored from this run's golden states on one libvirt host.
@@ -154,7 +158,11 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
             .collect(),
         results,
     };
-    report.write(&opts.out_dir).map_err(io("write report.json"))?;
+    let report_path = report.write(&opts.out_dir).map_err(io("write report.json"))?;
+    if let Some(key) = &opts.signing_key {
+        let sig = report::sign::sign(&report_path, key)?;
+        tracing::info!(signature = %sig.display(), "report signed");
+    }
     Ok(report)
 }
 
@@ -168,17 +176,35 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
     }
     let mut images = Vec::new();
     for platform in &lab.platforms {
-        match &platform.source {
-            PlatformSource::Image(recipe) => images.push((platform.name.clone(), crate::image::ensure_built(recipe, &dirs.root)?)),
-            PlatformSource::DomainSnapshot { .. } => return Err(RunError::Platform { platform: platform.name.clone(), reason: "domain snapshots are not supported yet".into() }),
+        if let PlatformSource::Image(recipe) = &platform.source {
+            images.push((platform.name.clone(), crate::image::ensure_built(recipe, &dirs.root)?));
         }
     }
-    let probe_kernel = images.first().map(|(_, i)| i.kernel.clone()).unwrap_or_default();
-    let decision = accel::decide_cached(choice, "qemu-system-x86_64", &probe_kernel, &dirs.root).map_err(HypervisorError::from)?;
+    // The probe needs a kernel; a lab of user domains only has theirs, so it then asks for TCG
+    // unless KVM was chosen explicitly.
+    let decision = match images.first() {
+        Some((_, image)) => accel::decide_cached(choice, "qemu-system-x86_64", &image.kernel, &dirs.root),
+        None => accel::decide(if choice == AccelChoice::Auto { AccelChoice::Tcg } else { choice }, "qemu-system-x86_64", Path::new("")),
+    }
+    .map_err(HypervisorError::from)?;
     tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
     // Golden states boot in parallel, like cells: cold boots are the slowest step of a first run.
     let goldens: Vec<(String, Result<Golden, HypervisorError>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = images.iter().map(|(name, image)| (name.clone(), s.spawn(|| host.golden_from_image(name, image, decision.accel, run_id, cancel)))).collect();
+        let handles: Vec<_> = lab
+            .platforms
+            .iter()
+            .map(|platform| {
+                let (host, images, decision) = (&host, &images, &decision);
+                let handle = s.spawn(move || match &platform.source {
+                    PlatformSource::Image(_) => {
+                        let image = &images.iter().find(|(n, _)| *n == platform.name).expect("built above").1;
+                        host.golden_from_image(&platform.name, image, decision.accel, run_id, cancel)
+                    }
+                    PlatformSource::DomainSnapshot { domain, snapshot } => host.golden_from_snapshot(&platform.name, domain, snapshot, decision.accel, run_id, cancel),
+                });
+                (platform.name.clone(), handle)
+            })
+            .collect();
         handles.into_iter().map(|(name, h)| (name, h.join().expect("golden thread"))).collect()
     });
     let mut refs = Vec::new();
