@@ -28,7 +28,7 @@ fn cell(platform: &str, patch: &str, verdict: Verdict, evidence: Vec<EvidenceRef
 }
 
 fn platform(name: &str) -> PlatformRef {
-    PlatformRef { name: name.into(), origin: format!("image:{name}"), image_recipe_digest: Some("d".repeat(64)), image_disk_sha256: Some("e".repeat(64)), golden_disk_sha256: "f".repeat(64), golden_state_sha256: "0".repeat(64) }
+    PlatformRef { name: name.into(), origin: format!("image:{name}"), os: Some("debian".into()), version: Some("12".into()), arch: Some("x86_64".into()), image_recipe_digest: Some("d".repeat(64)), image_disk_sha256: Some("e".repeat(64)), golden_disk_sha256: "f".repeat(64), golden_state_sha256: "0".repeat(64) }
 }
 
 /// A passing, complete, just-finished report over two platforms and one patch.
@@ -46,6 +46,7 @@ fn good_report() -> Report {
         finished_at: now.to_string(),
         platforms: vec![platform("debian12"), platform("ubuntu24")],
         patches: vec![PatchRef { name: "openssl-fix".into(), kind: "deb".into(), files: vec![FileRef { name: "openssl_3.0.1_amd64.deb".into(), path: "patches/openssl-fix/openssl_3.0.1_amd64.deb".into(), sha256: sha256(DEB), package: "openssl".into() }] }],
+        coverage: Default::default(),
         results: vec![
             cell("debian12", "openssl-fix", Verdict::Pass, vec![EvidenceRef { path: "evidence/debian12-openssl-fix-console.log".into(), sha256: sha256(EVIDENCE), bytes: EVIDENCE.len() as u64 }]),
             cell("ubuntu24", "openssl-fix", Verdict::Pass, vec![]),

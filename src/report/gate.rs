@@ -127,7 +127,7 @@ mod tests {
     }
 
     fn platform(name: &str) -> PlatformRef {
-        PlatformRef { name: name.into(), origin: format!("image:{name}"), image_recipe_digest: None, image_disk_sha256: None, golden_disk_sha256: "g".into(), golden_state_sha256: "s".into() }
+        PlatformRef { name: name.into(), origin: format!("image:{name}"), os: Some("debian".into()), version: Some("12".into()), arch: Some("x86_64".into()), image_recipe_digest: None, image_disk_sha256: None, golden_disk_sha256: "g".into(), golden_state_sha256: "s".into() }
     }
 
     fn good() -> Report {
@@ -143,6 +143,7 @@ mod tests {
             finished_at: "2025-01-01T01:00:00Z".into(),
             platforms: vec![platform("debian"), platform("ubuntu")],
             patches: vec![PatchRef { name: "fix".into(), kind: "deb".into(), files: vec![FileRef { name: "fix.deb".into(), path: "patches/fix/fix.deb".into(), sha256: "aa".into(), package: "fix".into() }] }],
+            coverage: Default::default(),
             results: vec![cell("debian", "fix", Verdict::Pass), cell("ubuntu", "fix", Verdict::Pass)],
         }
     }

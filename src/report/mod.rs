@@ -33,7 +33,46 @@ pub struct Report {
     pub finished_at: String,
     pub platforms: Vec<PlatformRef>,
     pub patches: Vec<PatchRef>,
+    /// Condition 1: the share of the inventory's hosts the lab simulates and the patch passed on.
+    pub coverage: Coverage,
     pub results: Vec<CellResult>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coverage {
+    /// `pass` when covered hosts exceed the threshold; `skipped` when the lab names no inventory.
+    pub status: Status,
+    pub inventory: Option<InventoryRef>,
+    /// Coverage must be strictly above this share of the inventory's hosts, in percent (default 50: a majority).
+    pub threshold_percent: u32,
+    pub covered_hosts: u32,
+    pub total_hosts: u32,
+    /// Every inventory host: whether a lab platform on which the patch passed represents it.
+    pub hosts: Vec<HostCoverage>,
+    /// Inventory platforms (`os version arch`) that no passing lab platform represents.
+    pub uncovered_platforms: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryRef {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCoverage {
+    pub host: String,
+    /// `os version arch`, e.g. `debian 12 x86_64`.
+    pub platform: String,
+    pub role: String,
+    pub criticality: String,
+    /// The lab platform that represents this host, if any.
+    pub lab_platform: Option<String>,
+    /// True when that lab platform exists and every cell on it passed.
+    pub covered: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +104,10 @@ pub struct PlatformRef {
     pub name: String,
     /// `image:<recipe name>` or `domain:<domain>/<snapshot>`.
     pub origin: String,
+    /// What the platform simulates, matched against the inventory: e.g. `debian`, `12`, `x86_64`.
+    pub os: Option<String>,
+    pub version: Option<String>,
+    pub arch: Option<String>,
     pub image_recipe_digest: Option<String>,
     pub image_disk_sha256: Option<String>,
     pub golden_disk_sha256: String,
@@ -142,6 +185,40 @@ pub struct Condition {
     pub commands: Vec<ExecResult>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delivered: Vec<Delivered>,
+    /// Removal: every difference between the baseline fingerprint and the one after removal that
+    /// the lab does not allow (allowed ones are counted in `allowed_differences`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<Difference>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub allowed_differences: u64,
+    /// Operations: the checks repeated during burn-in, round by round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub burn_in: Vec<BurnInRound>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One item of state that differs between two fingerprints.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Difference {
+    /// `file`, `package`, `unit`, `socket`, `user`, `group`, `cron`, `module`.
+    pub kind: String,
+    pub item: String,
+    /// The state at baseline; `None` when the item did not exist.
+    pub before: Option<String>,
+    /// The state after removal; `None` when the item no longer exists.
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurnInRound {
+    /// Milliseconds since the burn-in started.
+    pub at_ms: u64,
+    pub checks: Vec<CheckResult>,
 }
 
 impl Condition {

@@ -156,6 +156,7 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
                 files: p.files.iter().map(|f| FileRef { name: f.name.clone(), path: format!("patches/{}/{}", p.name, f.name), sha256: f.sha256.clone(), package: f.package.clone() }).collect(),
             })
             .collect(),
+        coverage: report::Coverage::default(),
         results,
     };
     let report_path = report.write(&opts.out_dir).map_err(io("write report.json"))?;
@@ -215,7 +216,7 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
             GoldenOrigin::Image { recipe, recipe_digest, image_disk_sha256 } => (format!("image:{recipe}"), Some(recipe_digest.clone()), Some(image_disk_sha256.clone())),
             GoldenOrigin::DomainSnapshot { domain, snapshot } => (format!("domain:{domain}/{snapshot}"), None, None),
         };
-        refs.push(PlatformRef { name: name.clone(), origin, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: golden.record.disk_sha256.clone(), golden_state_sha256: golden.record.state_sha256.clone() });
+        refs.push(PlatformRef { name: name.clone(), origin, os: None, version: None, arch: None, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: golden.record.disk_sha256.clone(), golden_state_sha256: golden.record.state_sha256.clone() });
         map.insert(name, golden);
     }
     Ok((host, refs, map, decision))
