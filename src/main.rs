@@ -91,6 +91,9 @@ enum Command {
         /// Every cell of these platforms must have passed.
         #[arg(long = "platform", value_name = "NAME", num_args = 1..)]
         platforms: Vec<String>,
+        /// The report's coverage condition must have passed with at least this share of the inventory's hosts covered.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(0..=100))]
+        min_coverage: Option<u32>,
     },
     /// Validate lab files without running anything.
     Lab {
@@ -106,6 +109,11 @@ enum Command {
     Clean {
         #[arg(long, env = "PATCHLAB_CONNECT", default_value = "qemu:///system")]
         connect: String,
+    },
+    /// Deploy a qualified patch in waves: plan, next, record, status (see docs/rollout.md).
+    Rollout {
+        #[command(subcommand)]
+        command: patchlab::rollout::cli::RolloutCommand,
     },
 }
 
@@ -168,9 +176,10 @@ fn run(cli: Cli) -> u8 {
                 3
             }
         },
+        Command::Rollout { command } => patchlab::rollout::cli::run(command),
         Command::Keygen { out, identity } => signing::keygen(&out, identity),
         Command::Verify { report, allowed_signers, identity } => signing::verify(&report, &allowed_signers, identity.as_deref()),
-        Command::Gate { report, allowed_signers, identity, patches, max_age, platforms } => signing::gate(&report, &allowed_signers, identity.as_deref(), &patches, max_age, platforms),
+        Command::Gate { report, allowed_signers, identity, patches, max_age, platforms, min_coverage } => signing::gate(&report, &allowed_signers, identity.as_deref(), &patches, max_age, platforms, min_coverage),
         Command::Run { lab, out, connect, accel, jobs, key } => {
             let lab = match patchlab::lab::Lab::load(&lab) {
                 Ok(lab) => lab,
@@ -195,6 +204,10 @@ fn run(cli: Cli) -> u8 {
                         println!("verdict: {:?}", report.verdict);
                         println!("report: {}", opts.out_dir.join("report.json").display());
                         report.exit_code() as u8
+                    }
+                    Err(patchlab::run::RunError::Input(e)) => {
+                        eprintln!("error: {e}");
+                        2
                     }
                     Err(e) => {
                         eprintln!("error: failed to {e}");
@@ -308,7 +321,7 @@ mod signing {
         }
     }
 
-    pub fn gate(report: &Path, allowed_signers: &Path, identity: Option<&str>, patches: &[PathBuf], max_age: jiff::SignedDuration, platforms: Vec<String>) -> u8 {
+    pub fn gate(report: &Path, allowed_signers: &Path, identity: Option<&str>, patches: &[PathBuf], max_age: jiff::SignedDuration, platforms: Vec<String>, min_coverage: Option<u32>) -> u8 {
         let signers = match read_inputs(report, allowed_signers) {
             Ok(s) => s,
             Err(code) => return code,
@@ -327,6 +340,9 @@ mod signing {
         let mut reasons: Vec<String> = v.problems.iter().map(|p| format!("report does not verify: {p}")).collect();
         if let Some(r) = &v.report {
             reasons.extend(gate::gate(r, &gate::GateFacts { now: jiff::Timestamp::now(), max_age, patch_files, platforms }));
+            if let Some(min) = min_coverage {
+                reasons.extend(gate::coverage_gate(r, min));
+            }
         }
         if reasons.is_empty() {
             let signer = v.signer.as_ref().map(|s| s.identity.as_str()).unwrap_or("?");

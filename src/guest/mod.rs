@@ -151,6 +151,77 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Waits until systemd has finished booting (running or degraded) and every named service is active.
+    pub fn wait_booted(&self, services: &[String], deadline: Duration) -> Result<(), AgentError> {
+        let started = Instant::now();
+        loop {
+            // Right after a boot the agent may come and go while systemd settles: until the
+            // deadline, an unreachable agent means "not yet".
+            let state = match self.exec(&ExecRequest::new("/bin/systemctl", &["is-system-running"], Duration::from_secs(30))) {
+                Ok(state) => state.stdout.text.trim().to_string(),
+                Err(e @ (AgentError::Cancelled | AgentError::Malformed { .. })) => return Err(e),
+                Err(e) if started.elapsed() > deadline => return Err(e),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            let mut inactive = Vec::new();
+            if matches!(state.as_str(), "running" | "degraded") {
+                for service in services {
+                    if !self.exec(&ExecRequest::new("/bin/systemctl", &["is-active", service], Duration::from_secs(30)))?.success() {
+                        inactive.push(service.clone());
+                    }
+                }
+                if inactive.is_empty() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > deadline {
+                return Err(AgentError::Refused { command: "guest-exec", message: format!("the guest did not finish booting in {deadline:?}: system state {state:?}, services not active: {inactive:?}") });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The kernel's boot id: it changes exactly when the guest has rebooted.
+    pub fn boot_id(&self) -> Result<String, AgentError> {
+        Ok(String::from_utf8_lossy(&self.read_file("/proc/sys/kernel/random/boot_id", 64)?).trim().to_string())
+    }
+
+    /// Reboots the guest and waits until it is back (new boot id) and booted.
+    pub fn reboot(&self, deadline: Duration) -> Result<Duration, AgentError> {
+        let started = Instant::now();
+        let before = self.boot_id()?;
+        // --no-block: the agent's own process is stopped by the reboot, so do not wait for it.
+        self.run_ok("/bin/systemctl", &["--no-block", "reboot"], Duration::from_secs(30))?;
+        loop {
+            if started.elapsed() > deadline {
+                return Err(AgentError::Timeout(deadline));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if self.ping(Duration::from_secs(2)).is_err() {
+                continue;
+            }
+            match self.boot_id() {
+                Ok(now) if now != before => break,
+                Err(AgentError::Cancelled) => return Err(AgentError::Cancelled),
+                _ => continue,
+            }
+        }
+        self.wait_booted(&[], deadline.saturating_sub(started.elapsed()))?;
+        self.set_time_now()?;
+        Ok(started.elapsed())
+    }
+
+    /// Names of the systemd units in the `failed` state.
+    pub fn failed_units(&self) -> Result<Vec<String>, AgentError> {
+        let out = self.run_ok("/bin/systemctl", &["list-units", "--state=failed", "--plain", "--no-legend", "--no-pager", "--full"], Duration::from_secs(60))?;
+        let mut units: Vec<String> = out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
+        units.sort();
+        Ok(units)
+    }
+
     /// Sets the guest clock to the host's: a restored guest wakes at the moment it was saved.
     pub fn set_time_now(&self) -> Result<(), AgentError> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");

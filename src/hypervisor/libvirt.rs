@@ -125,7 +125,7 @@ impl LibvirtHost {
         let agent = Agent::new(&channel, cancel.clone());
         let agent_err = |e: AgentError| HypervisorError::Golden { platform: platform.into(), reason: format!("{e} (console log: {})", identity.console.display()) };
         agent.wait_ready(BOOT_DEADLINE).map_err(agent_err)?;
-        wait_booted(&agent, &boot.services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
+        agent.wait_booted(&boot.services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
         agent.run_ok("/bin/sync", &[], Duration::from_secs(60)).map_err(agent_err)?;
         let boot_ms = started.elapsed().as_millis() as u64;
         let state = dir.join("state.save");
@@ -293,32 +293,6 @@ fn golden_key(parts: &[&str]) -> String {
         h.update([0]);
     }
     hex::encode(h.finalize())[..16].to_string()
-}
-
-/// Waits until systemd has finished booting and every named service is active.
-fn wait_booted(agent: &Agent<'_>, services: &[String], deadline: Duration) -> Result<(), AgentError> {
-    let started = Instant::now();
-    loop {
-        let state = agent.exec(&crate::guest::ExecRequest::new("/bin/systemctl", &["is-system-running"], Duration::from_secs(30)))?;
-        let state = state.stdout.text.trim().to_string();
-        let booted = matches!(state.as_str(), "running" | "degraded");
-        let mut inactive = Vec::new();
-        if booted {
-            for service in services {
-                let r = agent.exec(&crate::guest::ExecRequest::new("/bin/systemctl", &["is-active", service], Duration::from_secs(30)))?;
-                if !r.success() {
-                    inactive.push(service.clone());
-                }
-            }
-            if inactive.is_empty() {
-                return Ok(());
-            }
-        }
-        if started.elapsed() > deadline {
-            return Err(AgentError::Refused { command: "guest-exec", message: format!("the guest did not finish booting in {deadline:?}: system state {state:?}, services not active: {inactive:?}") });
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 fn save_running(domain: &Domain, to: &Path) -> Result<(), HypervisorError> {

@@ -369,6 +369,8 @@ fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), I
         "packages installed"
     );
 
+    install_local_packages(recipe, root)?;
+
     for (pkg, provides) in CONDITIONAL_PACKAGES {
         if !provides.iter().any(|p| root.join(p).exists()) {
             return Err(ImageError::Build {
@@ -454,6 +456,32 @@ fn chroot_phase(recipe: &Recipe, root: &Path) -> Result<(String, Vec<String>), I
     }
 
     kernel_version(recipe, root).map(|k| (k, packages))
+}
+
+/// Builds each `local_packages` tree on the host and installs it in the chroot with dpkg.
+fn install_local_packages(recipe: &Recipe, root: &Path) -> Result<(), ImageError> {
+    for dir in recipe.local_package_dirs() {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let deb_in_root = format!("var/tmp/{name}.deb");
+        let deb = root.join(&deb_in_root);
+        // dpkg-deb refuses maintainer scripts that are not executable; git does not always keep modes.
+        for script in ["preinst", "postinst", "prerm", "postrm"] {
+            let p = dir.join("DEBIAN").join(script);
+            if p.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o755));
+            }
+        }
+        run(
+            "build a local package (dpkg-deb --build)",
+            Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&dir).arg(&deb),
+        )?;
+        let installed = run("install a local package in the chroot (dpkg -i)", &mut chroot(root, "dpkg", &["--install", &format!("/{deb_in_root}")]));
+        let _ = fs::remove_file(&deb);
+        installed?;
+        tracing::info!(image = recipe.name, package = name, "local package installed");
+    }
+    Ok(())
 }
 
 fn kernel_version(recipe: &Recipe, root: &Path) -> Result<String, ImageError> {

@@ -54,6 +54,11 @@ pub struct Recipe {
     /// Extra packages on top of the builder's fixed base set.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Package trees (relative to the recipe file) built with `dpkg-deb` and installed into the
+    /// image, e.g. the v1 of a fixture package that an `upgrade` patch then upgrades. Their
+    /// contents take part in the digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_packages: Vec<String>,
     /// systemd units enabled at boot (a bare name means `NAME.service`).
     #[serde(default)]
     pub services: Vec<String>,
@@ -72,6 +77,26 @@ pub struct Recipe {
     /// Where the recipe was read from (not part of the digest, not serialised).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// Feeds every file under `dir` (relative path, mode, contents), in sorted order, into `h`.
+fn tree_digest(root: &Path, dir: &Path, h: &mut Sha256) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update([0u8]);
+        if path.is_dir() {
+            tree_digest(root, &path, h);
+        } else if let Ok(data) = std::fs::read(&path) {
+            let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+            h.update([mode as u8]);
+            h.update((data.len() as u64).to_le_bytes());
+            h.update(&data);
+        }
+    }
 }
 
 impl Recipe {
@@ -134,7 +159,16 @@ impl Recipe {
         h.update(BUILDER_VERSION.as_bytes());
         h.update([0u8]);
         h.update(&canonical);
+        for dir in self.local_package_dirs() {
+            tree_digest(&dir, &dir, &mut h);
+        }
         hex::encode(h.finalize())
+    }
+
+    /// The `local_packages` trees, resolved against the recipe file's directory.
+    pub fn local_package_dirs(&self) -> Vec<PathBuf> {
+        let base = self.source.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
+        self.local_packages.iter().map(|p| base.join(p)).collect()
     }
 
     /// Directory name of this recipe's image in the cache: `NAME-DIGEST16`.

@@ -22,6 +22,17 @@ pub struct Lab {
     pub patches: Vec<Patch>,
     pub checks: Vec<Check>,
     pub settings: Settings,
+    pub inventory: Option<PathBuf>,
+    /// Coverage must exceed this share of the inventory's hosts, in percent.
+    pub coverage_threshold_percent: u32,
+    pub removal: Removal,
+}
+
+/// What the clean-removal proof watches beyond the defaults, and which differences are expected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removal {
+    pub watch: Vec<String>,
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +47,8 @@ pub enum PlatformSource {
 pub struct Platform {
     pub name: String,
     pub source: PlatformSource,
+    /// What it simulates (os, version, arch), when the lab says; image platforms also take it from their recipe.
+    pub identity: Option<(String, String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,12 +64,20 @@ pub struct Patch {
     pub name: String,
     pub kind: PatchKind,
     pub sources: Vec<PatchSource>,
+    /// Pinned digests by file name; delivery fails when a file does not have its pin.
+    pub pins: std::collections::BTreeMap<String, String>,
+    pub rollback: Vec<PatchSource>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
 pub enum PatchKind {
+    /// New packages: `dpkg --install`, removed with `dpkg --purge`.
     Deb,
+    /// Newer versions of installed packages: the previous versions are kept and reinstalled on removal.
+    Upgrade,
+    /// Anything else: files delivered, then an install and a remove command.
+    Script { install: Vec<String>, remove: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +92,9 @@ pub struct Check {
 pub struct Settings {
     pub install_timeout: Duration,
     pub remove_timeout: Duration,
+    pub require_baseline: bool,
+    pub burn_in: Option<Duration>,
+    pub burn_in_interval: Duration,
 }
 
 impl Lab {
@@ -139,7 +163,7 @@ impl Lab {
         };
 
         let mut platforms = Vec::new();
-        for (key, RawPlatform { image, domain, snapshot }) in &raw.platforms {
+        for (key, RawPlatform { image, domain, snapshot, os, version, arch }) in &raw.platforms {
             let name = key.get_ref();
             check_name(name).map_err(|m| err(key.span(), format!("platform name: {m}")))?;
             let source = match (image, domain, snapshot) {
@@ -171,16 +195,21 @@ impl Lab {
                     return Err(err(key.span(), format!("platform `{name}` has no source: give `image = \"path/to/recipe.toml\"`, or `domain` and `snapshot` of a libvirt domain")))
                 }
             };
-            platforms.push(Platform { name: name.clone(), source });
+            let identity = match (os, version, arch) {
+                (None, None, None) => None,
+                (Some(os), Some(version), Some(arch)) => Some((os.get_ref().clone(), version.get_ref().clone(), arch.get_ref().clone())),
+                _ => return Err(err(key.span(), format!("platform `{name}`: give all of `os`, `version` and `arch` (like \"debian\", \"12\", \"x86_64\"), or none"))),
+            };
+            platforms.push(Platform { name: name.clone(), source, identity });
         }
 
         let mut patches = Vec::new();
-        for (key, RawPatch { kind, files, package_trees }) in &raw.patches {
+        for (key, RawPatch { kind, files, package_trees, sha256, rollback_files, install, remove }) in &raw.patches {
             let name = key.get_ref();
             check_name(name).map_err(|m| err(key.span(), format!("patch name: {m}")))?;
-            if kind.is_none() {
-                return Err(err(key.span(), format!("patch `{name}` has no `kind`: add `kind = \"deb\"` (the only kind so far)")));
-            }
+            let Some(kind) = kind else {
+                return Err(err(key.span(), format!("patch `{name}` has no `kind`: add `kind = \"deb\"`, `\"upgrade\"` or `\"script\"`")));
+            };
             let mut sources = Vec::new();
             for f in files {
                 let file = patch_path(f, "patch file")?;
@@ -199,10 +228,46 @@ impl Lab {
                 }
                 sources.push(PatchSource::Tree(dir));
             }
-            if sources.is_empty() {
+            let script = *kind.get_ref() == schema::RawPatchKind::Script;
+            if sources.is_empty() && !script {
                 return Err(err(key.span(), format!("patch `{name}` has no `files` and no `package_trees`: give at least one .deb file or package tree")));
             }
-            patches.push(Patch { name: name.clone(), kind: PatchKind::Deb, sources });
+            let mut rollback = Vec::new();
+            for f in rollback_files {
+                if *kind.get_ref() != schema::RawPatchKind::Upgrade {
+                    return Err(err(f.span(), format!("patch `{name}`: `rollback_files` apply to `upgrade` patches only")));
+                }
+                rollback.push(PatchSource::File(patch_path(f, "rollback file")?));
+            }
+            for (key_name, value) in [("install", install), ("remove", remove)] {
+                if let Some(v) = value {
+                    if !script {
+                        return Err(err(v.span(), format!("patch `{name}`: `{key_name}` applies to `script` patches only; deb and upgrade patches use dpkg")));
+                    }
+                    match v.get_ref().first() {
+                        None => return Err(err(v.span(), format!("patch `{name}`: `{key_name}` is empty: give the command and its arguments"))),
+                        Some(p) if !p.starts_with('/') => return Err(err(v.span(), format!("patch `{name}`: the command `{p}` must be an absolute path in the guest (commands run without a shell or PATH)"))),
+                        _ => {}
+                    }
+                }
+            }
+            let kind = match kind.get_ref() {
+                schema::RawPatchKind::Deb => PatchKind::Deb,
+                schema::RawPatchKind::Upgrade => PatchKind::Upgrade,
+                schema::RawPatchKind::Script => match (install, remove) {
+                    (Some(i), Some(r)) => PatchKind::Script { install: i.get_ref().clone(), remove: r.get_ref().clone() },
+                    _ => return Err(err(kind.span(), format!("patch `{name}`: script patches need `install` and `remove` commands, like [\"/bin/sh\", \"/var/tmp/patchlab/install.sh\"]"))),
+                },
+            };
+            let mut pins = std::collections::BTreeMap::new();
+            for (file, digest) in sha256 {
+                let hex = digest.get_ref().to_ascii_lowercase();
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(err(digest.span(), format!("patch `{name}`: the sha256 of `{file}` must be 64 hexadecimal digits")));
+                }
+                pins.insert(file.clone(), hex);
+            }
+            patches.push(Patch { name: name.clone(), kind, sources, pins, rollback });
         }
 
         let mut checks = Vec::new();
@@ -222,7 +287,29 @@ impl Lab {
         let settings = Settings {
             install_timeout: setting("install_timeout", settings.install_timeout.as_ref())?.unwrap_or(DEFAULT_SETTINGS_TIMEOUT),
             remove_timeout: setting("remove_timeout", settings.remove_timeout.as_ref())?.unwrap_or(DEFAULT_SETTINGS_TIMEOUT),
+            require_baseline: settings.require_baseline.unwrap_or(false),
+            burn_in: setting("burn_in", settings.burn_in.as_ref())?,
+            burn_in_interval: setting("burn_in_interval", settings.burn_in_interval.as_ref())?.unwrap_or(DEFAULT_BURN_IN_INTERVAL),
         };
+        let inventory = raw.inventory.as_ref().map(|i| existing(i, "inventory")).transpose()?;
+        let coverage_threshold_percent = match &raw.coverage.threshold_percent {
+            None => DEFAULT_COVERAGE_THRESHOLD,
+            Some(t) if (DEFAULT_COVERAGE_THRESHOLD as i64..100).contains(t.get_ref()) => *t.get_ref() as u32,
+            Some(t) => return Err(err(t.span(), format!("coverage: `threshold_percent = {}` must be 50 to 99: coverage must exceed it, and a majority (more than 50) is the least the lab may ask", t.get_ref()))),
+        };
+        let mut removal = Removal::default();
+        for w in &raw.removal.watch {
+            if !w.get_ref().starts_with('/') || w.get_ref().contains("..") {
+                return Err(err(w.span(), format!("removal: watched path `{}` must be an absolute guest path without `..`", w.get_ref())));
+            }
+            removal.watch.push(w.get_ref().clone());
+        }
+        for a in &raw.removal.allow {
+            if a.get_ref().trim().is_empty() {
+                return Err(err(a.span(), "removal: an `allow` pattern is empty".into()));
+            }
+            removal.allow.push(a.get_ref().clone());
+        }
         Ok(Lab {
             name: raw.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned()),
             path: path.to_path_buf(),
@@ -231,6 +318,9 @@ impl Lab {
             patches,
             checks,
             settings,
+            inventory,
+            coverage_threshold_percent,
+            removal,
         })
     }
 }
@@ -241,6 +331,9 @@ pub const DEFAULT_RETRIES: u32 = 2;
 pub const MAX_RETRIES: u32 = 20;
 pub const DEFAULT_SETTINGS_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_BURN_IN_INTERVAL: Duration = Duration::from_secs(10);
+/// Coverage must be strictly above this: a majority of the inventory's hosts.
+pub const DEFAULT_COVERAGE_THRESHOLD: u32 = 50;
 
 /// The directory every patch path must stay inside: the nearest enclosing git checkout of the lab
 /// file's directory (the directory holding `.git`), or, outside any checkout, the parent of the lab

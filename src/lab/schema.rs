@@ -18,6 +18,27 @@ pub struct RawLab {
     pub checks: BTreeMap<Spanned<String>, RawCheck>,
     #[serde(default)]
     pub settings: RawSettings,
+    /// The real hosts the patches target, for coverage (condition 1).
+    pub inventory: Option<Spanned<String>>,
+    #[serde(default)]
+    pub coverage: RawCoverage,
+    #[serde(default)]
+    pub removal: RawRemoval,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoverage {
+    pub threshold_percent: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRemoval {
+    #[serde(default)]
+    pub watch: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +47,10 @@ pub struct RawPlatform {
     pub image: Option<Spanned<String>>,
     pub domain: Option<Spanned<String>>,
     pub snapshot: Option<Spanned<String>>,
+    /// What the platform simulates, for coverage; image platforms default to their recipe's.
+    pub os: Option<Spanned<String>>,
+    pub version: Option<Spanned<String>>,
+    pub arch: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,12 +62,23 @@ pub struct RawPatch {
     pub files: Vec<Spanned<String>>,
     #[serde(default)]
     pub package_trees: Vec<Spanned<String>>,
+    /// Digests the files must have (file name → sha256), e.g. from the vendor's advisory.
+    #[serde(default)]
+    pub sha256: BTreeMap<String, Spanned<String>>,
+    /// `upgrade`: the exact packages to restore on removal, when the guest cannot provide them.
+    #[serde(default)]
+    pub rollback_files: Vec<Spanned<String>>,
+    /// `script`: the command that installs, and the one that removes (argv, no shell).
+    pub install: Option<Spanned<Vec<String>>>,
+    pub remove: Option<Spanned<Vec<String>>>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RawPatchKind {
     Deb,
+    Upgrade,
+    Script,
 }
 
 /// A check as written: one flat table whose `kind` decides which other keys apply. Numbers are read
@@ -99,4 +135,9 @@ pub struct RawSettings {
     // Durations are read as any value so that `timeout = 30` can be told to add a unit.
     pub install_timeout: Option<Spanned<toml::Value>>,
     pub remove_timeout: Option<Spanned<toml::Value>>,
+    /// Refuse to qualify when a check fails on the untouched clone.
+    pub require_baseline: Option<bool>,
+    /// Keep the patch installed this long, repeating the checks every `burn_in_interval`.
+    pub burn_in: Option<Spanned<toml::Value>>,
+    pub burn_in_interval: Option<Spanned<toml::Value>>,
 }

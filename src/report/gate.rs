@@ -66,6 +66,27 @@ pub fn gate(report: &Report, facts: &GateFacts) -> Vec<String> {
     reasons
 }
 
+/// `gate --min-coverage PERCENT`: the report's coverage condition passed, and the covered share
+/// of the inventory's hosts is at least `min_percent` (integers: covered × 100 ≥ min × total).
+pub fn coverage_gate(report: &Report, min_percent: u32) -> Vec<String> {
+    let c = &report.coverage;
+    let mut reasons = Vec::new();
+    if c.status != super::Status::Pass {
+        let why = if c.inventory.is_none() { " (the lab names no inventory)" } else { "" };
+        let status = match c.status {
+            super::Status::Pass => "pass",
+            super::Status::Fail => "fail",
+            super::Status::Skipped => "skipped",
+            super::Status::Error => "error",
+        };
+        reasons.push(format!("coverage status is {status}, not pass{why}"));
+    }
+    if u64::from(c.covered_hosts) * 100 < u64::from(min_percent) * u64::from(c.total_hosts) {
+        reasons.push(format!("coverage {} of {} inventory hosts is below the minimum {min_percent}%", c.covered_hosts, c.total_hosts));
+    }
+    reasons
+}
+
 pub fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Pass => "pass",
@@ -152,9 +173,36 @@ mod tests {
         GateFacts { now: "2025-01-02T00:00:00Z".parse().unwrap(), max_age: SignedDuration::from_hours(7 * 24), patch_files: vec![("fix.deb".into(), "aa".into())], platforms: vec!["debian".into()] }
     }
 
+    /// The facts of a gate call, plus `--min-coverage` when given.
+    struct Facts {
+        gate: GateFacts,
+        min_coverage: Option<u32>,
+    }
+
+    impl std::ops::Deref for Facts {
+        type Target = GateFacts;
+        fn deref(&self) -> &GateFacts {
+            &self.gate
+        }
+    }
+
+    impl std::ops::DerefMut for Facts {
+        fn deref_mut(&mut self) -> &mut GateFacts {
+            &mut self.gate
+        }
+    }
+
+    fn covered(r: &mut Report, status: crate::report::Status, covered: u32, total: u32) {
+        r.coverage.status = status;
+        r.coverage.inventory = Some(crate::report::InventoryRef { file: "inventory.toml".into(), sha256: "ii".into() });
+        r.coverage.covered_hosts = covered;
+        r.coverage.total_hosts = total;
+    }
+
     #[test]
     fn table() {
-        type Edit = fn(&mut Report, &mut GateFacts);
+        use crate::report::Status;
+        type Edit = fn(&mut Report, &mut Facts);
         let table: &[(&str, Edit, &[&str])] = &[
             ("all good", |_, _| {}, &[]),
             ("incomplete", |r, _| r.complete = false, &["incomplete"]),
@@ -187,11 +235,36 @@ mod tests {
                 },
                 &["incomplete", "verdict is error", "x.deb"],
             ),
+            ("coverage not asked, not evaluated", |_, _| {}, &[]),
+            ("coverage at the minimum", |r, f| {
+                covered(r, Status::Pass, 3, 5);
+                f.min_coverage = Some(60);
+            }, &[]),
+            ("coverage above the minimum", |r, f| {
+                covered(r, Status::Pass, 5, 5);
+                f.min_coverage = Some(100);
+            }, &[]),
+            ("coverage below the minimum", |r, f| {
+                covered(r, Status::Pass, 3, 5);
+                f.min_coverage = Some(61);
+            }, &["coverage 3 of 5 inventory hosts is below the minimum 61%"]),
+            ("coverage failed", |r, f| {
+                covered(r, Status::Fail, 2, 5);
+                f.min_coverage = Some(40);
+            }, &["coverage status is fail, not pass"]),
+            ("coverage failed and below", |r, f| {
+                covered(r, Status::Fail, 1, 5);
+                f.min_coverage = Some(50);
+            }, &["coverage status is fail", "coverage 1 of 5 inventory hosts is below the minimum 50%"]),
+            ("coverage asked, no inventory", |_, f| f.min_coverage = Some(0), &["coverage status is skipped, not pass (the lab names no inventory)"]),
         ];
         for (name, edit, want) in table {
-            let (mut r, mut f) = (good(), facts());
+            let (mut r, mut f) = (good(), Facts { gate: facts(), min_coverage: None });
             edit(&mut r, &mut f);
-            let got = gate(&r, &f);
+            let mut got = gate(&r, &f);
+            if let Some(min) = f.min_coverage {
+                got.extend(coverage_gate(&r, min));
+            }
             assert_eq!(got.len(), want.len(), "{name}: {got:?}");
             for (g, w) in got.iter().zip(want.iter()) {
                 assert!(g.contains(w), "{name}: `{g}` lacks `{w}`");

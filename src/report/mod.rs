@@ -2,6 +2,7 @@
 //! Nothing here does IO except [`Report::write`].
 
 pub mod gate;
+pub mod render;
 pub mod sign;
 pub mod verdict;
 

@@ -48,10 +48,12 @@ pub fn cell_verdict(statuses: &[Status]) -> Verdict {
     }
 }
 
-/// The run passes only when it is complete and every cell passed. A failed cell is a verdict on
-/// the patch and outranks errors elsewhere; otherwise any error, or an incomplete run, is `error`.
-pub fn run_verdict(complete: bool, cells: &[Verdict]) -> Verdict {
-    if cells.contains(&Verdict::Fail) {
+/// The run passes only when it is complete, coverage did not fail and every cell passed. A failed
+/// cell or failed coverage is a verdict on the patch and outranks errors elsewhere; otherwise any
+/// error, or an incomplete run, is `error`. Coverage `skipped` (no inventory) does not fail a run:
+/// `patchlab gate` is where condition 1 is required.
+pub fn run_verdict(complete: bool, cells: &[Verdict], coverage: Status) -> Verdict {
+    if cells.contains(&Verdict::Fail) || (complete && coverage == Status::Fail) {
         Verdict::Fail
     } else if !complete || cells.is_empty() || cells.contains(&Verdict::Error) {
         Verdict::Error
@@ -84,17 +86,21 @@ mod tests {
     #[test]
     fn run_verdicts() {
         use Verdict::{Error as E, Fail as F, Pass as P};
-        let table: &[(bool, &[Verdict], Verdict)] = &[
-            (true, &[P, P], P),
-            (true, &[P, F], F),
-            (true, &[E, F], F),
-            (true, &[P, E], E),
-            (false, &[P, P], E),
-            (false, &[P, F], F),
-            (true, &[], E),
+        let table: &[(bool, &[Verdict], Status, Verdict)] = &[
+            (true, &[P, P], Pass, P),
+            (true, &[P, P], Skipped, P),
+            (true, &[P, P], Fail, F),
+            (true, &[P, F], Pass, F),
+            (true, &[E, F], Pass, F),
+            (true, &[P, E], Pass, E),
+            (true, &[P, E], Fail, F),
+            (false, &[P, P], Pass, E),
+            (false, &[P, P], Fail, E),
+            (false, &[P, F], Skipped, F),
+            (true, &[], Pass, E),
         ];
-        for (complete, cells, want) in table {
-            assert_eq!(run_verdict(*complete, cells), *want, "complete={complete} {cells:?}");
+        for (complete, cells, coverage, want) in table {
+            assert_eq!(run_verdict(*complete, cells, *coverage), *want, "complete={complete} {cells:?} coverage={coverage:?}");
         }
     }
 }

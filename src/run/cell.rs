@@ -10,7 +10,7 @@ use crate::checks::{self, CheckResult};
 use crate::guest::{Agent, AgentError};
 use crate::hypervisor::{CloneSource, Machine};
 use crate::lab::Lab;
-use crate::patch::PreparedPatch;
+use crate::patch::{DeliveryFailure, PreparedPatch};
 use crate::report::{CellResult, Condition, Conditions, EvidenceRef, Phase, Status, verdict};
 
 pub struct CellPlan<'a> {
@@ -90,6 +90,9 @@ fn mark_error(conditions: &mut Conditions, reason: &str) {
     }
 }
 
+/// How long a reboot the guest asked for may take, cold boot under TCG included.
+const REBOOT_DEADLINE: Duration = Duration::from_secs(600);
+
 #[allow(clippy::too_many_arguments)]
 fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, c: &mut Conditions, phases: &mut Vec<Phase>) -> Result<(), Broke> {
     let port = |g: u16| m.host_port(g);
@@ -103,32 +106,50 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
     // Baseline: only checks that pass here count as "previously functioning operations".
     let t = Instant::now();
     let baseline = run_checks(None)?;
+    let failed_before = agent.failed_units()?;
     let working: Vec<String> = baseline.iter().filter(|r| r.passed).map(|r| r.name.clone()).collect();
     let not_working: Vec<&str> = baseline.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
     c.baseline = Condition { checks: baseline.clone(), ..Condition::pass() };
     if !not_working.is_empty() {
+        if lab.settings.require_baseline {
+            c.baseline.status = Status::Fail;
+            c.baseline.reason = Some(format!("checks fail on the untouched clone and the lab requires all to pass: {}", not_working.join(", ")));
+            return Ok(());
+        }
         c.baseline.reason = Some(format!("failing before the patch, so not held against it: {}", not_working.join(", ")));
     }
+    let fingerprint_spec = crate::fingerprint::FingerprintSpec::with_defaults(&lab.removal.watch, &lab.removal.allow).map_err(|e| Broke(format!("removal settings: {e}")))?;
+    let before = crate::fingerprint::capture(agent, &fingerprint_spec)?;
     phase("baseline", t);
     cancelled()?;
 
     let t = Instant::now();
     match plan.patch.deliver(agent) {
         Ok(delivered) => c.delivery = Condition { delivered, ..Condition::pass() },
-        Err(AgentError::DigestMismatch { path, expected, actual }) => {
-            c.delivery = Condition::with(Status::Fail, format!("{path} arrived with sha256 {actual}, sent {expected}"));
+        Err(DeliveryFailure::PinMismatch { file, pinned, actual }) => {
+            c.delivery = Condition::with(Status::Fail, format!("{file} has sha256 {actual}, but the lab pins {pinned}: it is not the file the lab names"));
             return Ok(());
         }
-        Err(e) => return Err(e.into()),
+        Err(DeliveryFailure::Corrupted { file, expected, actual }) => {
+            c.delivery = Condition::with(Status::Fail, format!("{file} arrived in the guest with sha256 {actual}, sent {expected}"));
+            return Ok(());
+        }
+        Err(DeliveryFailure::Agent(e)) => return Err(e.into()),
     }
     phase("deliver", t);
     cancelled()?;
 
+    // Install: a non-zero exit, the deadline, or a unit that failed because of it is significant.
     let t = Instant::now();
+    let kept = plan.patch.keep_previous(agent)?;
+    c.install = Condition::pass();
+    if !kept.notes.is_empty() {
+        c.install.reason = Some(format!("kept for removal: {}", kept.notes.join("; ")));
+    }
     match plan.patch.install(agent, lab.settings.install_timeout) {
         Ok(result) => {
             let ok = result.success();
-            c.install = Condition { commands: vec![result.clone()], ..Condition::pass() };
+            c.install.commands.push(result.clone());
             if !ok {
                 c.install.status = Status::Fail;
                 c.install.reason = Some(format!("`{}` exited with {:?}", result.command, result.exit_code));
@@ -141,9 +162,21 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
         }
         Err(e) => return Err(e.into()),
     }
+    if agent.exec(&crate::guest::ExecRequest::new("/usr/bin/test", &["-e", "/var/run/reboot-required"], Duration::from_secs(30)))?.success() {
+        let took = agent.reboot(REBOOT_DEADLINE).map_err(|e| Broke(format!("reboot the guest asked for after install: {e}")))?;
+        let note = format!("the guest asked for a reboot (/var/run/reboot-required); rebooted in {} ms", took.as_millis());
+        c.install.reason = Some(match c.install.reason.take() { Some(r) => format!("{r}; {note}"), None => note });
+    }
+    let newly_failed: Vec<String> = agent.failed_units()?.into_iter().filter(|u| !failed_before.contains(u)).collect();
+    if !newly_failed.is_empty() {
+        c.install.status = Status::Fail;
+        c.install.reason = Some(format!("units failed after the install: {}", newly_failed.join(", ")));
+        return Ok(());
+    }
     phase("install", t);
     cancelled()?;
 
+    // Operations: every check that worked before works now, and keeps working through burn-in.
     let t = Instant::now();
     let after = run_checks(Some(&working))?;
     let broken: Vec<&str> = after.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
@@ -154,26 +187,52 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
         return Ok(());
     }
     phase("checks", t);
+    if let Some(burn_in) = lab.settings.burn_in {
+        let t = Instant::now();
+        while t.elapsed() < burn_in {
+            cancelled()?;
+            std::thread::sleep(lab.settings.burn_in_interval.min(burn_in.saturating_sub(t.elapsed())));
+            let round = run_checks(Some(&working))?;
+            let failing: Vec<String> = round.iter().filter(|r| !r.passed).map(|r| r.name.clone()).collect();
+            c.operations.burn_in.push(crate::report::BurnInRound { at_ms: t.elapsed().as_millis() as u64, checks: round });
+            if !failing.is_empty() {
+                c.operations.status = Status::Fail;
+                c.operations.reason = Some(format!("failed during burn-in after {} s: {}", t.elapsed().as_secs(), failing.join(", ")));
+                return Ok(());
+            }
+        }
+        phase("burn-in", t);
+    }
     cancelled()?;
 
+    // Removal: the removal succeeds, the checks pass, and the state is the baseline's again.
     let t = Instant::now();
-    let removed = match plan.patch.remove(agent, lab.settings.remove_timeout) {
-        Ok(result) => result,
+    let removed = match plan.patch.remove(agent, &kept, lab.settings.remove_timeout) {
+        Ok(results) => results,
         Err(AgentError::Deadline { program, deadline }) => {
             c.removal = Condition::with(Status::Fail, format!("`{program}` did not finish within {deadline:?}"));
             return Ok(());
         }
         Err(e) => return Err(e.into()),
     };
+    plan.patch.clean_delivery(agent)?;
     let after_removal = run_checks(Some(&working))?;
     phase("remove", t);
-    c.removal = Condition { commands: vec![removed.clone()], checks: after_removal.clone(), ..Condition::pass() };
-    if !removed.success() {
+    let t = Instant::now();
+    let after_fingerprint = crate::fingerprint::capture(agent, &fingerprint_spec)?;
+    let outcome = crate::fingerprint::diff(&before, &after_fingerprint, &fingerprint_spec);
+    phase("fingerprint", t);
+    c.removal = Condition { commands: removed.clone(), checks: after_removal.clone(), differences: outcome.differences.clone(), allowed_differences: outcome.allowed, ..Condition::pass() };
+    if let Some(bad) = removed.iter().find(|r| !r.success()) {
         c.removal.status = Status::Fail;
-        c.removal.reason = Some(format!("`{}` exited with {:?}", removed.command, removed.exit_code));
+        c.removal.reason = Some(format!("`{}` exited with {:?}", bad.command, bad.exit_code));
     } else if let Some(bad) = after_removal.iter().find(|r| !r.passed) {
         c.removal.status = Status::Fail;
         c.removal.reason = Some(format!("check `{}` fails after removal: {}", bad.name, bad.detail));
+    } else if !outcome.differences.is_empty() {
+        c.removal.status = Status::Fail;
+        let shown: Vec<String> = outcome.differences.iter().take(5).map(|d| format!("{} {}", d.kind, d.item)).collect();
+        c.removal.reason = Some(format!("{} differences from the baseline remain, e.g. {}", outcome.differences.len(), shown.join(", ")));
     }
     Ok(())
 }
@@ -239,7 +298,11 @@ mod tests {
     fn guest(on_install: Reply, on_remove: Reply, breaks_service: bool) -> FakeGuest {
         let broken = Arc::new(Mutex::new(false));
         FakeGuest::new(move |program, args| match program {
-            "/bin/mkdir" => Some((0, vec![], vec![])),
+            "/bin/mkdir" | "/bin/rm" => Some((0, vec![], vec![])),
+            // The fingerprint script: an empty but well-formed system.
+            "/bin/sh" => Some((0, crate::fingerprint::collect::empty_output(), vec![])),
+            "/usr/bin/test" => Some((1, vec![], vec![])),
+            "/bin/systemctl" if args[0] == "list-units" => Some((0, vec![], vec![])),
             "/usr/bin/dpkg" if args[0] == "--install" => {
                 *broken.lock().unwrap() = breaks_service;
                 Some(on_install.clone())

@@ -40,6 +40,9 @@ pub enum RunError {
     Io { action: String, source: std::io::Error },
     #[error("platform `{platform}`: {reason}")]
     Platform { platform: String, reason: String },
+    /// Bad input found after the lab file itself parsed (the inventory): exit code 2.
+    #[error("{0}")]
+    Input(crate::lab::LabError),
     #[error(transparent)]
     Sign(#[from] report::sign::SignError),
 }
@@ -79,6 +82,7 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
     let _lock = RunLock::acquire(&dirs, &run_id)?;
     tracing::info!(run_id, lab = %lab.path.display(), out = %opts.out_dir.display(), "run started");
 
+    let inventory = lab.inventory.as_deref().map(crate::inventory::Inventory::load).transpose().map_err(RunError::Input)?;
     let out_dir = opts.out_dir.clone();
     let patches_in = lab.patches.clone();
     let patches: Vec<PreparedPatch> = tokio::task::spawn_blocking(move || patches_in.iter().map(|p| patch::prepare(p, &out_dir)).collect::<Result<_, _>>()).await.expect("prepare task")?;
@@ -137,11 +141,22 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
     }
     let complete = !cancel.is_cancelled() && results.len() == index;
     let verdicts: Vec<_> = results.iter().map(|r| r.verdict).collect();
+    let coverage = match &inventory {
+        None => report::Coverage { status: report::Status::Skipped, threshold_percent: lab.coverage_threshold_percent, ..Default::default() },
+        Some(inventory) => {
+            let ids: Vec<_> = platform_refs.iter().filter_map(crate::inventory::PlatformId::from_report).collect();
+            let passed = |name: &str| {
+                let cells: Vec<_> = results.iter().filter(|r| r.platform == name).collect();
+                cells.len() == patches.len() && cells.iter().all(|r| r.verdict == report::Verdict::Pass)
+            };
+            crate::inventory::coverage(inventory, &inventory.path.display().to_string(), &ids, &passed, lab.coverage_threshold_percent)
+        }
+    };
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         run_id,
         complete,
-        verdict: verdict::run_verdict(complete, &verdicts),
+        verdict: verdict::run_verdict(complete, &verdicts, coverage.status),
         lab: LabRef { name: lab.name.clone(), file: lab.path.display().to_string(), sha256: lab.sha256.clone() },
         patchlab: Tool { version: env!("CARGO_PKG_VERSION").into(), commit: env!("PATCHLAB_GIT_COMMIT").into() },
         hosts: vec![HostRef { uri: opts.uri.clone(), accel: accel_decision.accel.as_str().into(), accel_reason: accel_decision.reason.clone() }],
@@ -156,10 +171,12 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
                 files: p.files.iter().map(|f| FileRef { name: f.name.clone(), path: format!("patches/{}/{}", p.name, f.name), sha256: f.sha256.clone(), package: f.package.clone() }).collect(),
             })
             .collect(),
-        coverage: report::Coverage::default(),
+        coverage,
         results,
     };
     let report_path = report.write(&opts.out_dir).map_err(io("write report.json"))?;
+    // Derived renderings (report.html, report.md, junit.xml): not signed, not listed in the report.
+    report::render::write_all(&report, &opts.out_dir).map_err(io("write the report renderings"))?;
     if let Some(key) = &opts.signing_key {
         let sig = report::sign::sign(&report_path, key)?;
         tracing::info!(signature = %sig.display(), "report signed");
@@ -211,12 +228,18 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
     let mut refs = Vec::new();
     let mut map = HashMap::new();
     for (name, golden) in goldens {
+        let platform = lab.platforms.iter().find(|p| p.name == name).expect("lab platform");
+        let recipe_identity = images.iter().find(|(n, _)| *n == name).map(|(_, i)| (i.recipe.os.clone(), i.recipe.version.clone(), i.recipe.arch.clone()));
+        let (os, version, arch) = match platform.identity.clone().or(recipe_identity) {
+            Some((os, version, arch)) => (Some(os), Some(version), Some(arch)),
+            None => (None, None, None),
+        };
         let golden = golden?;
         let (origin, recipe_digest, image_sha) = match &golden.record.origin {
             GoldenOrigin::Image { recipe, recipe_digest, image_disk_sha256 } => (format!("image:{recipe}"), Some(recipe_digest.clone()), Some(image_disk_sha256.clone())),
             GoldenOrigin::DomainSnapshot { domain, snapshot } => (format!("domain:{domain}/{snapshot}"), None, None),
         };
-        refs.push(PlatformRef { name: name.clone(), origin, os: None, version: None, arch: None, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: golden.record.disk_sha256.clone(), golden_state_sha256: golden.record.state_sha256.clone() });
+        refs.push(PlatformRef { name: name.clone(), origin, os, version, arch, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: golden.record.disk_sha256.clone(), golden_state_sha256: golden.record.state_sha256.clone() });
         map.insert(name, golden);
     }
     Ok((host, refs, map, decision))

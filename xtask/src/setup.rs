@@ -9,10 +9,12 @@ use crate::{run_ok, step};
 /// Debian packages the lab needs. On bookworm they come from bookworm-backports, because the
 /// machine's qemu-utils does (LAB-NOTES.md); elsewhere from the default suite.
 const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients", "libvirt-dev", "pkg-config"];
-const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "passt", "openssh-client"];
+/// chromium and libxml2-utils (xmllint) are for tests/renderings.rs: the HTML report in a headless
+/// browser, junit.xml against the JUnit schema.
+const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "passt", "openssh-client", "chromium", "libxml2-utils"];
 
 /// Images the default lab and the test suite run on.
-pub const IMAGES: &[&str] = &["images/debian-12.toml", "images/debian-13.toml"];
+pub const IMAGES: &[&str] = &["images/debian-11.toml", "images/debian-12.toml", "images/debian-13.toml"];
 
 pub fn all(root: &Path) -> Result<(), String> {
     packages()?;
