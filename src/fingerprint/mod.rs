@@ -55,8 +55,6 @@ pub const DEFAULT_ALLOW: &[&str] = &[
     // rewritten by every dpkg run, the databases themselves stay watched.
     "file:/var/lib/dpkg/*-old",
     "file:/var/lib/dpkg/triggers/**",
-    // dpkg's `available` file records packages ever seen by `dpkg -i`, even after purge.
-    "file:/var/lib/dpkg/available",
     // Backups that shadow's tools (useradd, userdel, adduser) write beside the databases, and
     // their lock file; /etc/passwd, /etc/group, /etc/shadow, /etc/gshadow stay watched.
     "file:/etc/passwd-",
@@ -93,6 +91,9 @@ pub const DEFAULT_ALLOW: &[&str] = &[
     "file:/var/lib/logrotate/**",
     // hwclock rewrites it whenever the clock is set (patchlab sets the clone's clock at restore).
     "file:/etc/adjtime",
+    // Deliberately absent: unit states (timers included: the images mask the drift-prone timers,
+    // and a unit that changes state is what a leftover service looks like), sockets, packages,
+    // users, groups and modules. A lab whose platform runs timers can add e.g. `unit:*.timer`.
 ];
 
 /// The kinds a fingerprint has, for `kind:glob` allow entries.
