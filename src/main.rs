@@ -26,6 +26,12 @@ struct Cli {
     /// Where images, golden states and running clones live.
     #[arg(long, global = true, env = "PATCHLAB_CACHE_DIR", default_value_os_t = patchlab::image::default_cache_dir())]
     cache_dir: PathBuf,
+    /// Plain log lines without colours or progress bars; implied by CI=true or a stderr that is not a terminal.
+    #[arg(long, global = true)]
+    ci: bool,
+    /// Also write the logs as JSON lines (tracing's JSON format) to FILE.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -33,14 +39,24 @@ enum Command {
     /// Run a lab: every patch on a fresh clone of every platform, then write report.json.
     #[command(after_help = EXIT_CODES)]
     Run {
-        /// The lab file (see docs/lab-format.md).
-        lab: PathBuf,
-        /// Output directory for report.json, patches/ and evidence/ [default: patchlab-runs/<lab>-<time>]
-        #[arg(long)]
+        /// The lab file (see docs/lab-format.md); with --resume, defaults to the one the journal names.
+        #[arg(required_unless_present = "resume")]
+        lab: Option<PathBuf>,
+        /// Output directory for report.json, journal.jsonl, patches/ and evidence/ [default: patchlab-runs/<lab>-<time>]
+        #[arg(long, conflicts_with = "resume")]
         out: Option<PathBuf>,
+        /// Finish the interrupted run in DIR: run only the cells its journal.jsonl does not list as
+        /// finished, on the same golden states, and write one report for the whole lab. Refused if
+        /// the lab file, a golden state or a patch file changed since the run began.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
         /// libvirt connection URI.
         #[arg(long, env = "PATCHLAB_CONNECT", default_value = "qemu:///system")]
         connect: String,
+        /// Spread the cells over these libvirt URIs, round-robin (repeatable; overrides the lab's
+        /// `hosts` and --connect). Every URI must reach a libvirtd on this machine for now.
+        #[arg(long = "host", value_name = "URI")]
+        hosts: Vec<String>,
         /// Accelerator: auto probes KVM and falls back to TCG.
         #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
         accel: AccelChoice,
@@ -105,10 +121,18 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// Remove patchlab domains and clone files left by runs that are no longer alive.
+    /// Remove what runs that are no longer alive left: their patchlab domains (only those carrying
+    /// patchlab's metadata), clone directories and state copies, run locks, and interrupted golden
+    /// preparations and image builds whose lock is free.
     Clean {
         #[arg(long, env = "PATCHLAB_CONNECT", default_value = "qemu:///system")]
         connect: String,
+        /// Also remove golden states and images not used for --older-than days (only while no run is alive).
+        #[arg(long)]
+        cache: bool,
+        /// With --cache: how long unused, in days.
+        #[arg(long, value_name = "DAYS", default_value_t = 30, requires = "cache")]
+        older_than: u64,
     },
     /// Deploy a qualified patch in waves: plan, next, record, status (see docs/rollout.md).
     Rollout {
@@ -137,11 +161,18 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PATCHLAB_LOG").unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).with_target(false).init();
-    ExitCode::from(run(cli))
+    let ci = output::ci_mode(cli.ci);
+    let bars = match output::init_logging(ci, cli.log_json.as_deref()) {
+        Ok(bars) => bars,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ExitCode::from(run(cli, bars))
 }
 
-fn run(cli: Cli) -> u8 {
+fn run(cli: Cli, bars: Option<indicatif::MultiProgress>) -> u8 {
     match cli.command {
         Command::Lab { command: LabCommand::Check { lab } } => match patchlab::lab::Lab::load(&lab) {
             Ok(lab) => {
@@ -163,10 +194,16 @@ fn run(cli: Cli) -> u8 {
                 3
             }
         },
-        Command::Clean { connect } => match patchlab::hypervisor::libvirt::LibvirtHost::connect(&connect, Dirs::new(cli.cache_dir)).and_then(|h| h.reap()) {
-            Ok(reaped) => {
+        Command::Clean { connect, cache, older_than } => match patchlab::hypervisor::libvirt::LibvirtHost::connect(&connect, Dirs::new(cli.cache_dir.clone())).and_then(|h| h.reap()) {
+            Ok(mut reaped) => {
+                let opts = patchlab::hypervisor::clean::CleanOptions { unused_for: cache.then(|| std::time::Duration::from_secs(older_than.saturating_mul(86_400))) };
+                let files = patchlab::hypervisor::clean::clean_files(&Dirs::new(cli.cache_dir), &opts);
+                reaped.extend(files.removed);
                 for r in &reaped {
                     println!("removed {r}");
+                }
+                for k in &files.kept {
+                    println!("kept {k}");
                 }
                 println!("{} leftovers removed", reaped.len());
                 0
@@ -180,7 +217,18 @@ fn run(cli: Cli) -> u8 {
         Command::Keygen { out, identity } => signing::keygen(&out, identity),
         Command::Verify { report, allowed_signers, identity } => signing::verify(&report, &allowed_signers, identity.as_deref()),
         Command::Gate { report, allowed_signers, identity, patches, max_age, platforms, min_coverage } => signing::gate(&report, &allowed_signers, identity.as_deref(), &patches, max_age, platforms, min_coverage),
-        Command::Run { lab, out, connect, accel, jobs, key } => {
+        Command::Run { lab, out, resume, connect, hosts, accel, jobs, key } => {
+            let lab = match (lab, &resume) {
+                (Some(lab), _) => lab,
+                (None, Some(dir)) => match patchlab::run::journaled_lab_file(dir) {
+                    Ok(lab) => lab,
+                    Err(e) => {
+                        eprintln!("error: cannot resume {}: {e}", dir.display());
+                        return 2;
+                    }
+                },
+                (None, None) => unreachable!("clap requires a lab unless --resume"),
+            };
             let lab = match patchlab::lab::Lab::load(&lab) {
                 Ok(lab) => lab,
                 Err(e) => {
@@ -193,19 +241,28 @@ fn run(cli: Cli) -> u8 {
                 eprintln!("error: failed to {e}");
                 return 2;
             }
-            let out_dir = out.unwrap_or_else(|| patchlab::run::default_out_dir(&lab));
-            let opts = patchlab::run::RunOptions { out_dir, uri: connect, cache_dir: cli.cache_dir, accel, jobs, signing_key: key };
+            let out_dir = resume.clone().or(out).unwrap_or_else(|| patchlab::run::default_out_dir(&lab));
+            let opts = patchlab::run::RunOptions { out_dir, uri: connect, hosts, cache_dir: cli.cache_dir, accel, jobs, signing_key: key };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(async {
                 let cancel = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(cancel.clone()));
-                match patchlab::run::run_lab(&lab, &opts, cancel).await {
+                let observer: std::sync::Arc<dyn patchlab::run::progress::Observer> = match bars {
+                    Some(multi) => std::sync::Arc::new(output::Bars::new(multi)),
+                    None => std::sync::Arc::new(output::LogPhases),
+                };
+                let result = patchlab::run::run_lab_observed(&lab, &opts, cancel, resume.is_some(), observer).await;
+                match result {
                     Ok(report) => {
                         println!("verdict: {:?}", report.verdict);
                         println!("report: {}", opts.out_dir.join("report.json").display());
                         report.exit_code() as u8
                     }
                     Err(patchlab::run::RunError::Input(e)) => {
+                        eprintln!("error: {e}");
+                        2
+                    }
+                    Err(e @ (patchlab::run::RunError::Resume(_) | patchlab::run::RunError::Journal(patchlab::run::journal::JournalError::Invalid { .. }))) => {
                         eprintln!("error: {e}");
                         2
                     }
@@ -229,6 +286,121 @@ async fn cancel_on_signal(cancel: CancellationToken) {
     }
     tracing::warn!("interrupted: tearing down clones and writing an incomplete report");
     cancel.cancel();
+}
+
+/// Logs and progress: plain lines in CI, progress lines per running cell on a terminal.
+mod output {
+    use std::collections::HashMap;
+    use std::io::{IsTerminal, Write};
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use patchlab::report::CellResult;
+    use patchlab::run::progress::{CellId, Observer};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    /// `--ci`, CI=true (as CI systems set it) or a stderr that is not a terminal.
+    pub fn ci_mode(flag: bool) -> bool {
+        let env = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        flag || env || !std::io::stderr().is_terminal()
+    }
+
+    /// Installs the log subscriber; on a terminal, returns the progress display the logs print above.
+    pub fn init_logging(ci: bool, json: Option<&Path>) -> Result<Option<MultiProgress>, String> {
+        let filter = || EnvFilter::try_from_env("PATCHLAB_LOG").unwrap_or_else(|_| "info".into());
+        let json_layer = match json {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("open log file {}: {e}", path.display()))?;
+                Some(tracing_subscriber::fmt::layer().json().with_current_span(false).with_writer(Mutex::new(file)).with_filter(filter()))
+            }
+            None => None,
+        };
+        let registry = tracing_subscriber::registry().with(json_layer);
+        if ci {
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(false).with_target(false).with_writer(std::io::stderr).with_filter(filter())).init();
+            Ok(None)
+        } else {
+            let multi = MultiProgress::new();
+            let writer = BarsWriter(multi.clone());
+            registry.with(tracing_subscriber::fmt::layer().with_target(false).with_writer(move || writer.clone()).with_filter(filter())).init();
+            Ok(Some(multi))
+        }
+    }
+
+    /// Writes log lines above the progress lines instead of through them.
+    #[derive(Clone)]
+    struct BarsWriter(MultiProgress);
+
+    impl Write for BarsWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.suspend(|| std::io::stderr().write_all(buf))?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::stderr().flush()
+        }
+    }
+
+    /// One line per running cell: platform × patch, its phase, elapsed time; a total above them.
+    pub struct Bars {
+        multi: MultiProgress,
+        total: ProgressBar,
+        cells: Mutex<HashMap<usize, ProgressBar>>,
+    }
+
+    impl Bars {
+        pub fn new(multi: MultiProgress) -> Bars {
+            let total = multi.add(ProgressBar::new(0));
+            total.set_style(ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} cells  {elapsed}").expect("template").progress_chars("=> "));
+            total.set_prefix("lab");
+            Bars { multi, total, cells: Mutex::new(HashMap::new()) }
+        }
+    }
+
+    impl Observer for Bars {
+        fn planned(&self, to_run: usize, already_done: usize) {
+            self.total.set_length((to_run + already_done) as u64);
+            self.total.set_position(already_done as u64);
+        }
+        fn cell_started(&self, cell: &CellId) {
+            let bar = self.multi.add(ProgressBar::new_spinner());
+            bar.set_style(ProgressStyle::with_template("  {spinner} {prefix} {msg:12} {elapsed}").expect("template"));
+            bar.set_prefix(format!("{} × {}", cell.platform, cell.patch));
+            bar.set_message("starting");
+            bar.enable_steady_tick(Duration::from_millis(250));
+            self.cells.lock().expect("bars").insert(cell.index, bar);
+        }
+        fn cell_phase(&self, cell: &CellId, phase: &str) {
+            if let Some(bar) = self.cells.lock().expect("bars").get(&cell.index) {
+                bar.set_message(phase.to_string());
+            }
+        }
+        fn cell_finished(&self, cell: &CellId, result: &CellResult) {
+            if let Some(bar) = self.cells.lock().expect("bars").remove(&cell.index) {
+                bar.finish_and_clear();
+                self.multi.remove(&bar);
+            }
+            self.total.inc(1);
+            let verdict = patchlab::report::gate::verdict_name(result.verdict);
+            let _ = self.multi.println(format!("  {verdict:5} {} × {} in {:.1} s", cell.platform, cell.patch, result.duration_ms as f64 / 1000.0));
+            if self.total.length().is_some_and(|l| self.total.position() >= l) {
+                self.total.finish_and_clear();
+            }
+        }
+    }
+
+    /// In CI: each phase as a plain log line, so a stuck cell shows where it is.
+    pub struct LogPhases;
+
+    impl Observer for LogPhases {
+        fn cell_phase(&self, cell: &CellId, phase: &str) {
+            tracing::info!(platform = cell.platform, patch = cell.patch, phase, "cell phase");
+        }
+    }
 }
 
 /// `keygen`, `verify` and `gate`: read files and the clock, then print what the library decided.

@@ -168,7 +168,6 @@ fn fingerprint_absorbs_noise_on_debian_13() {
 }
 
 #[test]
-#[ignore = "builds the debian-11 image (about 2 minutes) on first use; run with --ignored"]
 fn fingerprint_absorbs_noise_on_debian_11() {
     absorbs_noise("debian-11", "images/debian-11.toml");
 }

@@ -82,7 +82,7 @@ pub fn parse(output: &str) -> Result<BTreeMap<String, String>, String> {
     }
     match records.next() {
         Some("patchlab-fingerprint 1") => {}
-        other => return Err(format!("the output starts with {:?}, not the fingerprint header", other.map(|s| clip(s)))),
+        other => return Err(format!("the output starts with {:?}, not the fingerprint header", other.map(clip))),
     }
     let mut entries = BTreeMap::new();
     // uid and gid → name, from this capture's own passwd and group, for the file owners.
@@ -376,7 +376,7 @@ mod tests {
             ("cut before #end", good.replace("#end\0", "")),
             ("cut mid files", good[..good.find("/usr/bin/su").unwrap()].to_string() + "\0"),
             ("cut in sections", good[..good.find("#sockets").unwrap()].to_string()),
-            ("section failed", good.replacen("#sockets\0", "!sockets\0127\0#x\0", 1)),
+            ("section failed", good.replacen("#sockets\0", "!sockets\u{0}127\0#x\0", 1)),
             ("package line without tabs", good.replacen("nginx\t1.22.1-9\tii ", "nginx 1.22.1-9", 1)),
             ("unit line too short", good.replacen("nginx.service loaded active running", "nginx.service loaded", 1)),
             ("passwd short", good.replacen("root:x:0:0:root:/root:/bin/bash", "root:x:0", 1)),

@@ -165,7 +165,7 @@ fn capture_runs_one_command_and_parses_its_output() {
     assert_eq!(f.entries.len(), 4);
     assert_eq!(f.entries[&collect::key("file", "/etc")], "dir mode=0755 owner=root:root");
 
-    let cut = FakeGuest::new(move |_, _| Some((0, out[..out.len() - 5].as_bytes().to_vec(), vec![])));
+    let cut = FakeGuest::new(move |_, _| Some((0, out.as_bytes()[..out.len() - 5].to_vec(), vec![])));
     let err = capture(&Agent::new(&cut, Default::default()), &spec).unwrap_err();
     assert!(matches!(err, AgentError::Malformed { .. }), "{err}");
 

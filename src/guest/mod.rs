@@ -108,8 +108,15 @@ pub struct Agent<'a> {
     cancel: CancellationToken,
 }
 
-const POLL_START: Duration = Duration::from_millis(20);
-const POLL_MAX: Duration = Duration::from_millis(200);
+/// How long one agent request may wait for its reply. Replies come in milliseconds on an idle host;
+/// a 2-core host emulating several guests under TCG has been seen to take over 10 s.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// guest-exec-status polling: fast at first (most commands finish in well under a second), then
+/// backing off. The slack this adds to every command (exit to the poll that sees it) was measured
+/// at up to 2-2.7 s per cell with a 200 ms cap (`cargo xtask bench`, docs/performance.md).
+const POLL_START: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_millis(80);
 
 impl<'a> Agent<'a> {
     pub fn new(channel: &'a dyn AgentChannel, cancel: CancellationToken) -> Self {
@@ -193,8 +200,12 @@ impl<'a> Agent<'a> {
     pub fn reboot(&self, deadline: Duration) -> Result<Duration, AgentError> {
         let started = Instant::now();
         let before = self.boot_id()?;
-        // --no-block: the agent's own process is stopped by the reboot, so do not wait for it.
-        self.run_ok("/bin/systemctl", &["--no-block", "reboot"], Duration::from_secs(30))?;
+        // --no-block: the agent's own process is stopped by the reboot, so do not wait for it. The
+        // agent may even go before it reports the command's exit: that is the reboot under way.
+        match self.run_ok("/bin/systemctl", &["--no-block", "reboot"], Duration::from_secs(30)) {
+            Ok(_) | Err(AgentError::Unreachable(_) | AgentError::Timeout(_) | AgentError::Refused { command: "guest-exec-status", .. }) => {}
+            Err(e) => return Err(e),
+        }
         loop {
             if started.elapsed() > deadline {
                 return Err(AgentError::Timeout(deadline));
@@ -225,17 +236,17 @@ impl<'a> Agent<'a> {
     /// Sets the guest clock to the host's: a restored guest wakes at the moment it was saved.
     pub fn set_time_now(&self) -> Result<(), AgentError> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
-        self.request("guest-set-time", Some(json!({ "time": now.as_nanos() as u64 })), Duration::from_secs(10)).map(drop)
+        self.request("guest-set-time", Some(json!({ "time": now.as_nanos() as u64 })), REPLY_TIMEOUT).map(drop)
     }
 
     pub fn exec(&self, req: &ExecRequest) -> Result<ExecResult, AgentError> {
         let started = Instant::now();
         let args = json!({ "path": req.program, "arg": req.args, "capture-output": true });
-        let ret = self.request("guest-exec", Some(args), Duration::from_secs(10))?;
+        let ret = self.request("guest-exec", Some(args), REPLY_TIMEOUT)?;
         let pid = ret.get("pid").and_then(Value::as_i64).ok_or(AgentError::Malformed { command: "guest-exec", reason: "no numeric pid".into() })?;
         let mut poll = POLL_START;
         loop {
-            let status = self.request("guest-exec-status", Some(json!({ "pid": pid })), Duration::from_secs(10))?;
+            let status = self.request("guest-exec-status", Some(json!({ "pid": pid })), REPLY_TIMEOUT)?;
             let exited = status.get("exited").and_then(Value::as_bool).ok_or(AgentError::Malformed { command: "guest-exec-status", reason: "no boolean `exited`".into() })?;
             if exited {
                 let decode = |key: &str| -> Result<Vec<u8>, AgentError> {
@@ -278,7 +289,7 @@ impl<'a> Agent<'a> {
     /// Returns the digest.
     pub fn push_file(&self, data: &[u8], path: &str) -> Result<String, AgentError> {
         let expected = hex::encode(Sha256::digest(data));
-        let handle = self.request("guest-file-open", Some(json!({ "path": path, "mode": "w" })), Duration::from_secs(10))?;
+        let handle = self.request("guest-file-open", Some(json!({ "path": path, "mode": "w" })), REPLY_TIMEOUT)?;
         let handle = handle.as_i64().ok_or(AgentError::Malformed { command: "guest-file-open", reason: "handle is not an integer".into() })?;
         let written = data.chunks(CHUNK).try_for_each(|chunk| {
             let ret = self.request("guest-file-write", Some(json!({ "handle": handle, "buf-b64": B64.encode(chunk) })), Duration::from_secs(30))?;
@@ -287,7 +298,7 @@ impl<'a> Agent<'a> {
                 other => Err(AgentError::Malformed { command: "guest-file-write", reason: format!("wrote {other:?} of {} bytes", chunk.len()) }),
             }
         });
-        let closed = self.request("guest-file-close", Some(json!({ "handle": handle })), Duration::from_secs(10));
+        let closed = self.request("guest-file-close", Some(json!({ "handle": handle })), REPLY_TIMEOUT);
         written?;
         closed?;
         let actual = self.sha256_of(path)?;
@@ -309,7 +320,7 @@ impl<'a> Agent<'a> {
 
     /// Reads a guest file, refusing files larger than `limit`.
     pub fn read_file(&self, path: &str, limit: usize) -> Result<Vec<u8>, AgentError> {
-        let handle = self.request("guest-file-open", Some(json!({ "path": path, "mode": "r" })), Duration::from_secs(10))?;
+        let handle = self.request("guest-file-open", Some(json!({ "path": path, "mode": "r" })), REPLY_TIMEOUT)?;
         let handle = handle.as_i64().ok_or(AgentError::Malformed { command: "guest-file-open", reason: "handle is not an integer".into() })?;
         let mut data = Vec::new();
         let result = loop {
@@ -329,7 +340,7 @@ impl<'a> Agent<'a> {
                 break Ok(());
             }
         };
-        let closed = self.request("guest-file-close", Some(json!({ "handle": handle })), Duration::from_secs(10));
+        let closed = self.request("guest-file-close", Some(json!({ "handle": handle })), REPLY_TIMEOUT);
         result?;
         closed?;
         Ok(data)

@@ -126,7 +126,7 @@ impl LibvirtHost {
         let agent_err = |e: AgentError| HypervisorError::Golden { platform: platform.into(), reason: format!("{e} (console log: {})", identity.console.display()) };
         agent.wait_ready(BOOT_DEADLINE).map_err(agent_err)?;
         agent.wait_booted(&boot.services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
-        agent.run_ok("/bin/sync", &[], Duration::from_secs(60)).map_err(agent_err)?;
+        agent.run_ok("/bin/sh", &["-c", super::golden::WARM_UP], Duration::from_secs(300)).map_err(agent_err)?;
         let boot_ms = started.elapsed().as_millis() as u64;
         let state = dir.join("state.save");
         save_running(&domain, &state)?;
@@ -161,6 +161,9 @@ impl LibvirtHost {
         std::fs::create_dir_all(&dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
         // From here on the clone owns `dir`: dropping it on an early return removes everything.
         let mut clone = LibvirtClone { name: clone_name.into(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log") };
+        // Refused before anything is written: the state copy and the overlay's growth must fit.
+        let state_size = std::fs::metadata(golden.state_path()).map_err(HypervisorError::io(format!("read {}", golden.state_path().display())))?.len();
+        super::check_room(&dir, super::available_bytes(&dir)?, state_size + super::CLONE_DISK_HEADROOM)?;
         let disk = dir.join("disk.qcow2");
         create_overlay(&golden.record.disk, &disk)?;
         clone.ports = guest_ports.iter().map(|g| free_port().map(|h| (h, *g))).collect::<Result<_, _>>()?;
@@ -187,12 +190,18 @@ impl LibvirtHost {
             if !name.starts_with(NAME_PREFIX) {
                 continue;
             }
-            let run = domain.metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_URI), 0).ok().and_then(|m| between(&m, "<patchlab:run>", "</patchlab:run>"));
+            let run = domain.metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_URI), 0).ok().and_then(|m| metadata_run(&m));
             match run {
                 Some(run) if runlock::is_alive(&self.dirs, &run) => continue,
                 // A patchlab- name without our metadata was not made by patchlab: leave it alone.
                 None => continue,
                 Some(_) => {}
+            }
+            // Run locks live in this cache directory: a domain whose files are in another one
+            // belongs to a patchlab using that cache (`--cache-dir`), whose runs this one cannot see.
+            let root = format!("'{}/", self.dirs.root.display());
+            if !domain.xml_desc(0).is_ok_and(|xml| xml.contains(&root) || xml.contains(&root.replace('\'', "\""))) {
+                continue;
             }
             let _ = domain.destroy();
             let _ = domain.undefine();
@@ -278,11 +287,14 @@ struct BootPlan {
     services: Vec<String>,
 }
 
-fn between(s: &str, start: &str, end: &str) -> Option<String> {
-    let a = s.find(start)? + start.len();
-    let b = s[a..].find(end)? + a;
-    Some(s[a..b].to_string())
+/// The run id in patchlab's metadata element as libvirt returns it: libvirt drops the prefix the
+/// element was written with (`<instance><run>ID</run>...`), so match on local names.
+fn metadata_run(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let run = doc.descendants().find(|n| n.is_element() && n.tag_name().name() == "run")?.text()?.trim().to_string();
+    (!run.is_empty()).then_some(run)
 }
+
 
 fn golden_key(parts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
@@ -413,5 +425,18 @@ impl Drop for LibvirtClone {
         if let Err(e) = self.teardown() {
             tracing::error!(clone = %self.name, "teardown failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_run_id_is_read_from_metadata_as_libvirt_returns_it() {
+        // What virDomainGetMetadata returns: the prefix the element was written with is gone.
+        assert_eq!(super::metadata_run("<instance>\n  <run>20250101T000000Z-abcdef</run>\n  <role>clone</role>\n</instance>").as_deref(), Some("20250101T000000Z-abcdef"));
+        let written = super::domain_xml::metadata_element("r1", "clone");
+        assert_eq!(super::metadata_run(&written).as_deref(), Some("r1"));
+        assert_eq!(super::metadata_run("<instance><role>clone</role></instance>"), None);
+        assert_eq!(super::metadata_run("not xml"), None);
     }
 }

@@ -2,6 +2,7 @@
 //! [`Machine`] and [`CloneSource`], so orchestration can be tested with fakes.
 
 pub mod accel;
+pub mod clean;
 pub mod domain_xml;
 pub mod golden;
 pub mod libvirt;
@@ -32,8 +33,49 @@ pub enum HypervisorError {
     Accel(#[from] accel::AccelError),
     #[error("prepare golden state of {platform}: {reason}")]
     Golden { platform: String, reason: String },
+    #[error("not enough free space for a clone in {dir}: {available_mib} MiB free, a clone needs {needed_mib} MiB (its state copy and disk overlay); free some space or point --cache-dir (PATCHLAB_CACHE_DIR) at a larger disk")]
+    NoRoom { dir: String, available_mib: u64, needed_mib: u64 },
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Room a clone's overlay may grow into while a cell runs, beyond the copy of the golden state.
+pub const CLONE_DISK_HEADROOM: u64 = 256 << 20;
+
+/// Refuses to clone when `available` bytes cannot hold a clone needing `needed` bytes.
+pub fn check_room(dir: &Path, available: u64, needed: u64) -> Result<(), HypervisorError> {
+    if available < needed {
+        return Err(HypervisorError::NoRoom { dir: dir.display().to_string(), available_mib: available >> 20, needed_mib: needed.div_ceil(1 << 20) });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+pub fn available_bytes(path: &Path) -> Result<u64, HypervisorError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| HypervisorError::Io { action: format!("check free space in {}", path.display()), source: std::io::ErrorKind::InvalidInput.into() })?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(HypervisorError::io(format!("check free space in {}", path.display()))(std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_needs_room_for_its_state_and_overlay() {
+        let dir = Path::new("/var/cache/patchlab/clones/r1");
+        assert!(check_room(dir, 1 << 30, 400 << 20).is_ok());
+        assert!(check_room(dir, 400 << 20, 400 << 20).is_ok());
+        let e = check_room(dir, 100 << 20, (400 << 20) + 1).unwrap_err().to_string();
+        assert!(e.contains("/var/cache/patchlab/clones/r1") && e.contains("100 MiB free") && e.contains("needs 401 MiB"), "{e}");
+        assert!(available_bytes(Path::new("/")).unwrap() > 0);
+        assert!(available_bytes(Path::new("/no/such/dir")).is_err());
+    }
 }
 
 impl HypervisorError {

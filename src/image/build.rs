@@ -158,6 +158,14 @@ fn build_inner(recipe: &Recipe, out: &Path) -> Result<BuiltImage, ImageError> {
         0o644,
     )?;
 
+    // The image is complete: mark /etc and /var as up to date with /usr. Without these stamps the
+    // first boot runs the ConditionNeedsUpdate units (ldconfig, sysusers, catalog update, ...) and
+    // later boots do not, so a clone rebooted by a patch would differ from its baseline in units
+    // the patch never touched.
+    for stamp in ["etc/.updated", "var/.updated"] {
+        write_file(&root.join(stamp), "# written by the patchlab image builder after the last package was installed\n", 0o644)?;
+    }
+
     // 4. kernel and initrd out of the rootfs
     let kernel = out.join("kernel");
     let initrd = out.join("initrd");

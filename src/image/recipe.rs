@@ -10,7 +10,7 @@ use super::ImageError;
 /// Bump whenever the builder's output for the same recipe changes (steps, files written into the
 /// guest, kernel command line, disk layout, ...). It is part of [`Recipe::digest`], so bumping it
 /// invalidates every cached image.
-pub const BUILDER_VERSION: &str = "patchlab-image-builder/2";
+pub const BUILDER_VERSION: &str = "patchlab-image-builder/3";
 
 fn default_mirror() -> String {
     "http://deb.debian.org/debian".to_string()

@@ -26,6 +26,8 @@ pub struct Lab {
     /// Coverage must exceed this share of the inventory's hosts, in percent.
     pub coverage_threshold_percent: u32,
     pub removal: Removal,
+    /// libvirt URIs to spread cells over, round-robin; empty: the run's `--connect` URI.
+    pub hosts: Vec<String>,
 }
 
 /// What the clean-removal proof watches beyond the defaults, and which differences are expected.
@@ -310,7 +312,19 @@ impl Lab {
             }
             removal.allow.push(a.get_ref().clone());
         }
+        let mut hosts: Vec<String> = Vec::new();
+        for h in &raw.hosts {
+            let uri = h.get_ref().trim();
+            if uri.is_empty() || !uri.contains(':') {
+                return Err(err(h.span(), format!("hosts: `{}` is not a libvirt URI (like `qemu:///system` or `qemu+ssh://host/system`)", h.get_ref())));
+            }
+            if hosts.iter().any(|x| x == uri) {
+                return Err(err(h.span(), format!("hosts: `{uri}` is listed twice")));
+            }
+            hosts.push(uri.to_string());
+        }
         Ok(Lab {
+            hosts,
             name: raw.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned()),
             path: path.to_path_buf(),
             sha256: hex::encode(Sha256::digest(text.as_bytes())),

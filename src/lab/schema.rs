@@ -24,6 +24,9 @@ pub struct RawLab {
     pub coverage: RawCoverage,
     #[serde(default)]
     pub removal: RawRemoval,
+    /// libvirt URIs the cells are spread over, round-robin (`patchlab run --host` overrides).
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -30,6 +30,11 @@ impl From<AgentError> for Broke {
 }
 
 pub fn run_cell(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, evidence_dir: &Path) -> CellResult {
+    run_cell_observed(source, lab, plan, runtime, cancel, evidence_dir, &|_| {})
+}
+
+/// [`run_cell`], telling `on_phase` the name of each phase as it begins (for progress display).
+pub fn run_cell_observed(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, evidence_dir: &Path, on_phase: &dyn Fn(&str)) -> CellResult {
     let started = Instant::now();
     let mut phases = Vec::new();
     let mut conditions = Conditions::default();
@@ -38,19 +43,21 @@ pub fn run_cell(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_>, runtim
     let mut machine: Option<Box<dyn Machine>> = None;
     let outcome = (|| -> Result<(), Broke> {
         let t = Instant::now();
+        on_phase("clone");
         let m = source.clone_machine(plan.platform, &plan.clone_name, &lab.guest_ports()).map_err(|e| Broke(format!("clone: {e}")))?;
         let m = &**machine.insert(m);
         let agent = Agent::new(m.agent_channel(), cancel.clone());
         agent.wait_ready(Duration::from_secs(60))?;
         agent.set_time_now()?;
         phases.push(Phase { name: "clone".into(), ms: t.elapsed().as_millis() as u64 });
-        run_conditions(lab, plan, m, &agent, runtime, cancel, &mut conditions, &mut phases)
+        run_conditions(lab, plan, m, &agent, runtime, cancel, &mut conditions, &mut phases, on_phase)
     })();
     if let Err(Broke(reason)) = outcome {
         error = Some(reason);
     }
     if let Some(mut m) = machine {
         let t = Instant::now();
+        on_phase("teardown");
         if let Some(console) = m.console_log() {
             if let Some(e) = keep_evidence(console, evidence_dir, &format!("{}-{}-console.log", plan.platform, plan.patch.name)) {
                 evidence.push(e);
@@ -94,7 +101,7 @@ fn mark_error(conditions: &mut Conditions, reason: &str) {
 const REBOOT_DEADLINE: Duration = Duration::from_secs(600);
 
 #[allow(clippy::too_many_arguments)]
-fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, c: &mut Conditions, phases: &mut Vec<Phase>) -> Result<(), Broke> {
+fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, c: &mut Conditions, phases: &mut Vec<Phase>, on_phase: &dyn Fn(&str)) -> Result<(), Broke> {
     let port = |g: u16| m.host_port(g);
     let target = checks::Target { agent, host_port: &port, runtime };
     let run_checks = |names: Option<&[String]>| -> Result<Vec<CheckResult>, Broke> {
@@ -105,6 +112,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
 
     // Baseline: only checks that pass here count as "previously functioning operations".
     let t = Instant::now();
+    on_phase("baseline");
     let baseline = run_checks(None)?;
     let failed_before = agent.failed_units()?;
     let working: Vec<String> = baseline.iter().filter(|r| r.passed).map(|r| r.name.clone()).collect();
@@ -124,6 +132,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
     cancelled()?;
 
     let t = Instant::now();
+    on_phase("deliver");
     match plan.patch.deliver(agent) {
         Ok(delivered) => c.delivery = Condition { delivered, ..Condition::pass() },
         Err(DeliveryFailure::PinMismatch { file, pinned, actual }) => {
@@ -141,8 +150,12 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
 
     // Install: a non-zero exit, the deadline, or a unit that failed because of it is significant.
     let t = Instant::now();
+    on_phase("install");
     let kept = plan.patch.keep_previous(agent)?;
-    c.install = Condition::pass();
+    // Undecided until the install and its aftermath (reboot, failed units) finish: if the agent or
+    // the clone breaks meanwhile, the install is what becomes `error`, not the next condition.
+    c.install = Condition::with(Status::Skipped, "");
+    c.install.reason = None;
     if !kept.notes.is_empty() {
         c.install.reason = Some(format!("kept for removal: {}", kept.notes.join("; ")));
     }
@@ -173,11 +186,13 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
         c.install.reason = Some(format!("units failed after the install: {}", newly_failed.join(", ")));
         return Ok(());
     }
+    c.install.status = Status::Pass;
     phase("install", t);
     cancelled()?;
 
     // Operations: every check that worked before works now, and keeps working through burn-in.
     let t = Instant::now();
+    on_phase("checks");
     let after = run_checks(Some(&working))?;
     let broken: Vec<&str> = after.iter().filter(|r| !r.passed).map(|r| r.name.as_str()).collect();
     c.operations = Condition { checks: after.clone(), ..Condition::pass() };
@@ -189,6 +204,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
     phase("checks", t);
     if let Some(burn_in) = lab.settings.burn_in {
         let t = Instant::now();
+        on_phase("burn-in");
         while t.elapsed() < burn_in {
             cancelled()?;
             std::thread::sleep(lab.settings.burn_in_interval.min(burn_in.saturating_sub(t.elapsed())));
@@ -207,6 +223,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
 
     // Removal: the removal succeeds, the checks pass, and the state is the baseline's again.
     let t = Instant::now();
+    on_phase("remove");
     let removed = match plan.patch.remove(agent, &kept, lab.settings.remove_timeout) {
         Ok(results) => results,
         Err(AgentError::Deadline { program, deadline }) => {
@@ -219,6 +236,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
     let after_removal = run_checks(Some(&working))?;
     phase("remove", t);
     let t = Instant::now();
+    on_phase("fingerprint");
     let after_fingerprint = crate::fingerprint::capture(agent, &fingerprint_spec)?;
     let outcome = crate::fingerprint::diff(&before, &after_fingerprint, &fingerprint_spec);
     phase("fingerprint", t);

@@ -36,7 +36,7 @@ pub struct Header {
 pub struct Prepared {
     pub platforms: Vec<PlatformRef>,
     pub patches: Vec<PatchRef>,
-    pub host: HostRef,
+    pub hosts: Vec<HostRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,8 @@
 //! write the report. Async at this edge only; each cell runs on a blocking thread.
 
 pub mod cell;
+pub mod journal;
+pub mod progress;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,12 +17,15 @@ use crate::hypervisor::runlock::RunLock;
 use crate::hypervisor::{AccelChoice, CloneSource, Dirs, HypervisorError, Machine, accel};
 use crate::lab::{Lab, PlatformSource};
 use crate::patch::{self, PreparedPatch};
-use crate::report::{self, FileRef, HostRef, LabRef, PatchRef, PlatformRef, Report, Tool, verdict};
+use crate::report::{self, CellResult, FileRef, HostRef, LabRef, PatchRef, PlatformRef, Report, Tool, verdict};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub out_dir: PathBuf,
     pub uri: String,
+    /// Spread cells over these libvirt URIs, round-robin (`--host`); empty: the lab's `hosts`,
+    /// else `uri`.
+    pub hosts: Vec<String>,
     pub cache_dir: PathBuf,
     pub accel: AccelChoice,
     pub jobs: Option<usize>,
@@ -45,6 +50,11 @@ pub enum RunError {
     Input(crate::lab::LabError),
     #[error(transparent)]
     Sign(#[from] report::sign::SignError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    /// `--resume` refused: the lab, its golden states or its patch files changed (exit code 2).
+    #[error("cannot resume: {0}")]
+    Resume(String),
 }
 
 /// Clones restored from this run's golden states on one libvirt host.
@@ -75,57 +85,200 @@ fn default_jobs(memory_mib: u32) -> usize {
 }
 
 pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) -> Result<Report, RunError> {
+    run_lab_observed(lab, opts, cancel, false, Arc::new(progress::Quiet)).await
+}
+
+/// Finishes the run whose journal is in `opts.out_dir`: runs only the cells it does not list as
+/// finished, on the same golden states, and writes one report for the whole lab.
+pub async fn resume_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) -> Result<Report, RunError> {
+    run_lab_observed(lab, opts, cancel, true, Arc::new(progress::Quiet)).await
+}
+
+/// The lab file a run directory's journal names, for `patchlab run --resume DIR` without a lab.
+pub fn journaled_lab_file(out_dir: &Path) -> Result<PathBuf, RunError> {
+    Ok(journal::load(out_dir)?.header.lab_file)
+}
+
+/// A fresh run must not silently replace the journal of a run that did not finish.
+fn check_fresh_out_dir(out_dir: &Path) -> Result<(), RunError> {
+    if !out_dir.join(journal::FILE).exists() {
+        return Ok(());
+    }
+    let complete = std::fs::read(out_dir.join("report.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["complete"].as_bool()).unwrap_or(false);
+    if !complete {
+        return Err(RunError::Resume(format!("{} holds a run that did not finish ({}); finish it with `patchlab run --resume {}`, or choose another --out", out_dir.display(), journal::FILE, out_dir.display())));
+    }
+    std::fs::remove_file(out_dir.join(journal::FILE)).map_err(io("replace the journal of the previous run"))
+}
+
+/// [`run_lab`] (or, with `resume`, [`resume_lab`]) reporting progress to `observer`.
+pub async fn run_lab_observed(lab: &Lab, opts: &RunOptions, cancel: CancellationToken, resume: bool, observer: Arc<dyn progress::Observer>) -> Result<Report, RunError> {
     let started_at = jiff::Timestamp::now();
-    let run_id = crate::hypervisor::runlock::new_run_id();
+    let result = run_lab_observed_inner(lab, opts, cancel, resume, observer).await;
+    // A run that broke before writing its report still leaves one, incomplete and `error`, so that
+    // nothing downstream can take the output directory for a passed run (issue 6).
+    if let Err(e) = &result {
+        if !matches!(e, RunError::Resume(_)) && opts.out_dir.is_dir() && !opts.out_dir.join("report.json").exists() {
+            if let Err(write) = broken_run_report(lab, opts, started_at).write(&opts.out_dir) {
+                tracing::error!("write the incomplete report after `{e}`: {write}");
+            }
+        }
+    }
+    result
+}
+
+/// The report of a run that broke before its cells: incomplete, no results, verdict `error`.
+fn broken_run_report(lab: &Lab, opts: &RunOptions, started_at: jiff::Timestamp) -> Report {
+    Report {
+        schema_version: report::SCHEMA_VERSION,
+        run_id: crate::hypervisor::runlock::new_run_id(),
+        complete: false,
+        verdict: verdict::run_verdict(false, &[], report::Status::Skipped),
+        lab: LabRef { name: lab.name.clone(), file: lab.path.display().to_string(), sha256: lab.sha256.clone() },
+        patchlab: Tool { version: env!("CARGO_PKG_VERSION").into(), commit: env!("PATCHLAB_GIT_COMMIT").into() },
+        hosts: vec![HostRef { uri: opts.uri.clone(), accel: String::new(), accel_reason: "the run broke before choosing one".into() }],
+        started_at: started_at.to_string(),
+        finished_at: jiff::Timestamp::now().to_string(),
+        platforms: vec![],
+        patches: vec![],
+        coverage: report::Coverage { status: report::Status::Skipped, threshold_percent: lab.coverage_threshold_percent, ..Default::default() },
+        results: vec![],
+    }
+}
+
+async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: CancellationToken, resume: bool, observer: Arc<dyn progress::Observer>) -> Result<Report, RunError> {
+    let session_started = jiff::Timestamp::now();
+    // Every session has its own run id: its lock, clone names and clone directory carry it.
+    let session_id = crate::hypervisor::runlock::new_run_id();
     let dirs = Dirs::new(opts.cache_dir.clone());
     std::fs::create_dir_all(&opts.out_dir).map_err(io(format!("create {}", opts.out_dir.display())))?;
-    let _lock = RunLock::acquire(&dirs, &run_id)?;
-    tracing::info!(run_id, lab = %lab.path.display(), out = %opts.out_dir.display(), "run started");
+    let lab_file = std::path::absolute(&lab.path).unwrap_or_else(|_| lab.path.clone());
+    let (header, earlier, mut journal) = if resume {
+        let state = journal::load(&opts.out_dir)?;
+        if state.header.lab_sha256 != lab.sha256 {
+            return Err(RunError::Resume(format!(
+                "{} changed since the run began (sha256 {} then, {} now): a resumed run must run the same lab; start a new run instead",
+                lab.path.display(),
+                state.header.lab_sha256,
+                lab.sha256
+            )));
+        }
+        let mut j = journal::Journal::open(&opts.out_dir)?;
+        j.append(&journal::Entry::Resumed { run_id: session_id.clone(), at: session_started.to_string() })?;
+        (state.header.clone(), Some(state), j)
+    } else {
+        check_fresh_out_dir(&opts.out_dir)?;
+        let header = journal::Header { format: journal::FORMAT, run_id: session_id.clone(), lab_file, lab_sha256: lab.sha256.clone(), started_at: session_started.to_string() };
+        let j = journal::Journal::create(&opts.out_dir, &header)?;
+        (header, None, j)
+    };
+    let run_id = header.run_id.clone();
+    let _lock = RunLock::acquire(&dirs, &session_id)?;
+    tracing::info!(run_id, session = session_id, resumed = resume, lab = %lab.path.display(), out = %opts.out_dir.display(), "run started");
 
     let inventory = lab.inventory.as_deref().map(crate::inventory::Inventory::load).transpose().map_err(RunError::Input)?;
     let out_dir = opts.out_dir.clone();
     let patches_in = lab.patches.clone();
     let patches: Vec<PreparedPatch> = tokio::task::spawn_blocking(move || patches_in.iter().map(|p| patch::prepare(p, &out_dir)).collect::<Result<_, _>>()).await.expect("prepare task")?;
 
-    // Images and golden states, one platform at a time per core.
-    let (host, platform_refs, goldens, accel_decision) = {
-        let lab = lab.clone();
-        let dirs = dirs.clone();
-        let uri = opts.uri.clone();
-        let accel_choice = opts.accel;
-        let run_id = run_id.clone();
-        let cancel = cancel.clone();
-        tokio::task::spawn_blocking(move || prepare_platforms(&lab, &dirs, &uri, accel_choice, &run_id, &cancel)).await.expect("platform task")?
+    // Images and golden states on every host, one host after the other: hosts reached through the
+    // same local libvirtd share the golden states in the cache directory (the first prepares them).
+    let uris = host_uris(lab, opts);
+    let mut sources = Vec::new();
+    let mut host_refs = Vec::new();
+    let mut platform_refs = Vec::new();
+    let mut memory = 512;
+    for uri in &uris {
+        let (host, refs, goldens, accel_decision) = {
+            let lab = lab.clone();
+            let dirs = dirs.clone();
+            let uri = uri.clone();
+            let accel_choice = opts.accel;
+            let session_id = session_id.clone();
+            let cancel = cancel.clone();
+            tokio::task::spawn_blocking(move || prepare_platforms(&lab, &dirs, &uri, accel_choice, &session_id, &cancel)).await.expect("platform task")?
+        };
+        if platform_refs.is_empty() {
+            platform_refs = refs;
+        } else if platform_refs != refs {
+            return Err(RunError::Platform { platform: "*".into(), reason: format!("host {uri} prepared other golden states than {}; one report names one golden state per platform, so all hosts must share them", uris[0]) });
+        }
+        memory = goldens.values().map(|g| g.record.memory_mib).max().unwrap_or(512).max(memory);
+        tracing::info!(host = uri, accel = accel_decision.accel.as_str(), reason = %accel_decision.reason, "host prepared");
+        host_refs.push(HostRef { uri: uri.clone(), accel: accel_decision.accel.as_str().into(), accel_reason: accel_decision.reason.clone() });
+        sources.push(Arc::new(HostClones { host, goldens, run_id: session_id.clone() }));
+    }
+    let patch_refs: Vec<PatchRef> = patches
+        .iter()
+        .map(|p| PatchRef {
+            name: p.name.clone(),
+            kind: "deb".into(),
+            files: p.files.iter().map(|f| FileRef { name: f.name.clone(), path: format!("patches/{}/{}", p.name, f.name), sha256: f.sha256.clone(), package: f.package.clone() }).collect(),
+        })
+        .collect();
+    let prepared = journal::Prepared { platforms: platform_refs.clone(), patches: patch_refs.clone(), hosts: host_refs.clone() };
+    // A resumed run uses the same golden states and patch files as the cells already finished.
+    let first_prepared = match earlier.as_ref().and_then(|s| s.prepared.clone()) {
+        Some(first) => {
+            check_same_preparation(&first, &prepared)?;
+            first
+        }
+        None => prepared.clone(),
     };
-    let memory = goldens.values().map(|g| g.record.memory_mib).max().unwrap_or(512);
-    let jobs = opts.jobs.unwrap_or_else(|| default_jobs(memory)).max(1);
-    tracing::info!(jobs, accel = accel_decision.accel.as_str(), reason = %accel_decision.reason, "running cells");
+    journal.append(&journal::Entry::Prepared(prepared))?;
 
-    let host_uri = host.uri.clone();
-    let source = Arc::new(HostClones { host, goldens, run_id: run_id.clone() });
+    let jobs = opts.jobs.unwrap_or_else(|| default_jobs(memory)).max(1);
+    tracing::info!(jobs, hosts = uris.len(), "running cells");
+
+    let earlier_cells: Vec<CellResult> = earlier.map(|s| s.cells).unwrap_or_default();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(jobs));
     let lab_arc = Arc::new(lab.clone());
     let evidence_dir = opts.out_dir.join("evidence");
+    let journal = Arc::new(std::sync::Mutex::new(journal));
     let mut tasks = Vec::new();
     let mut index = 0;
-    for platform in &lab.platforms {
+    let total = lab.platforms.len() * patches.len();
+    let done_before = earlier_cells.iter().filter(|c| lab.platforms.iter().any(|p| p.name == c.platform) && patches.iter().any(|p| p.name == c.patch)).count();
+    observer.planned(total - done_before, done_before);
+    // Cells start in lab order: a permit is taken here, before the cell's task is spawned.
+    'cells: for platform in &lab.platforms {
         for patch in &patches {
             index += 1;
-            let clone_name = format!("patchlab-{}-{index}", &run_id);
-            let (source, semaphore, lab, patch, cancel, evidence_dir, host_uri) = (source.clone(), semaphore.clone(), lab_arc.clone(), patch.clone(), cancel.clone(), evidence_dir.clone(), host_uri.clone());
+            if earlier_cells.iter().any(|c| c.platform == platform.name && c.patch == patch.name) {
+                continue;
+            }
+            let clone_name = format!("patchlab-{}-{index}", &session_id);
+            // Round-robin by the cell's place in the lab, so a resumed run keeps each cell's host.
+            let source = sources[(index - 1) % sources.len()].clone();
+            let host_uri = source.host.uri.clone();
+            let permit = tokio::select! {
+                permit = semaphore.clone().acquire_owned() => permit.expect("semaphore open"),
+                _ = cancel.cancelled() => break 'cells,
+            };
+            if cancel.is_cancelled() {
+                break 'cells;
+            }
+            let (source, lab, patch, cancel, evidence_dir, host_uri, journal, observer) = (source, lab_arc.clone(), patch.clone(), cancel.clone(), evidence_dir.clone(), host_uri, journal.clone(), observer.clone());
             let platform = platform.name.clone();
             let runtime = tokio::runtime::Handle::current();
             tasks.push(tokio::spawn(async move {
-                let _permit = semaphore.acquire_owned().await.expect("semaphore open");
-                if cancel.is_cancelled() {
-                    return None;
-                }
+                let _permit = permit;
                 let plan_platform = platform.clone();
                 tokio::task::spawn_blocking(move || {
                     let plan = cell::CellPlan { platform: &plan_platform, patch: &patch, clone_name, host: host_uri };
+                    let id = progress::CellId { index, platform: plan_platform.clone(), patch: patch.name.clone(), host: plan.host.clone() };
                     tracing::info!(platform = plan.platform, patch = plan.patch.name, clone = plan.clone_name, "cell started");
-                    let result = cell::run_cell(&*source, &lab, &plan, &runtime, &cancel, &evidence_dir);
+                    observer.cell_started(&id);
+                    let result = cell::run_cell_observed(&*source, &lab, &plan, &runtime, &cancel, &evidence_dir, &|phase| observer.cell_phase(&id, phase));
                     tracing::info!(platform = result.platform, patch = result.patch, verdict = ?result.verdict, ms = result.duration_ms, error = result.error.as_deref().unwrap_or(""), "cell finished");
+                    // A cell the interruption cut short did not finish: it runs again on resume.
+                    let cut_short = cancel.is_cancelled() && result.verdict == report::Verdict::Error;
+                    if !cut_short {
+                        if let Err(e) = journal.lock().expect("journal lock").append(&journal::Entry::Cell { result: Box::new(result.clone()) }) {
+                            tracing::error!("the cell finished but could not be journaled (a resume would run it again): {e}");
+                        }
+                    }
+                    observer.cell_finished(&id, &result);
                     result
                 })
                 .await
@@ -133,18 +286,31 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
             }));
         }
     }
-    let mut results = Vec::new();
+    let mut new_results = Vec::new();
     for task in tasks {
         if let Ok(Some(result)) = task.await {
-            results.push(result);
+            new_results.push(result);
         }
     }
-    let complete = !cancel.is_cancelled() && results.len() == index;
+    // The whole lab's results in lab order: cells of earlier sessions, then this session's.
+    let mut results: Vec<CellResult> = Vec::new();
+    for platform in &lab.platforms {
+        for patch in &patches {
+            let earlier = earlier_cells.iter().find(|c| c.platform == platform.name && c.patch == patch.name);
+            let new = new_results.iter().find(|c| c.platform == platform.name && c.patch == patch.name);
+            if let Some(r) = earlier.or(new) {
+                results.push(r.clone());
+            }
+        }
+    }
+    // Interrupted: the report says so (`complete: false`) and lists what ran, cut-short cells as
+    // `error`; the journal has only the cells that finished.
+    let complete = !cancel.is_cancelled() && results.len() == total;
     let verdicts: Vec<_> = results.iter().map(|r| r.verdict).collect();
     let coverage = match &inventory {
         None => report::Coverage { status: report::Status::Skipped, threshold_percent: lab.coverage_threshold_percent, ..Default::default() },
         Some(inventory) => {
-            let ids: Vec<_> = platform_refs.iter().filter_map(crate::inventory::PlatformId::from_report).collect();
+            let ids: Vec<_> = first_prepared.platforms.iter().filter_map(crate::inventory::PlatformId::from_report).collect();
             let passed = |name: &str| {
                 let cells: Vec<_> = results.iter().filter(|r| r.platform == name).collect();
                 cells.len() == patches.len() && cells.iter().all(|r| r.verdict == report::Verdict::Pass)
@@ -159,18 +325,11 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
         verdict: verdict::run_verdict(complete, &verdicts, coverage.status),
         lab: LabRef { name: lab.name.clone(), file: lab.path.display().to_string(), sha256: lab.sha256.clone() },
         patchlab: Tool { version: env!("CARGO_PKG_VERSION").into(), commit: env!("PATCHLAB_GIT_COMMIT").into() },
-        hosts: vec![HostRef { uri: opts.uri.clone(), accel: accel_decision.accel.as_str().into(), accel_reason: accel_decision.reason.clone() }],
-        started_at: started_at.to_string(),
+        hosts: first_prepared.hosts.clone(),
+        started_at: header.started_at.clone(),
         finished_at: jiff::Timestamp::now().to_string(),
-        platforms: platform_refs,
-        patches: patches
-            .iter()
-            .map(|p| PatchRef {
-                name: p.name.clone(),
-                kind: "deb".into(),
-                files: p.files.iter().map(|f| FileRef { name: f.name.clone(), path: format!("patches/{}/{}", p.name, f.name), sha256: f.sha256.clone(), package: f.package.clone() }).collect(),
-            })
-            .collect(),
+        platforms: first_prepared.platforms.clone(),
+        patches: first_prepared.patches.clone(),
         coverage,
         results,
     };
@@ -182,6 +341,40 @@ pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) ->
         tracing::info!(signature = %sig.display(), "report signed");
     }
     Ok(report)
+}
+
+/// Where the cells run: `--host` URIs, else the lab's `hosts`, else `--connect`.
+fn host_uris(lab: &Lab, opts: &RunOptions) -> Vec<String> {
+    let mut uris: Vec<String> = if !opts.hosts.is_empty() {
+        opts.hosts.clone()
+    } else if !lab.hosts.is_empty() {
+        lab.hosts.clone()
+    } else {
+        vec![opts.uri.clone()]
+    };
+    let mut seen = std::collections::HashSet::new();
+    uris.retain(|u| seen.insert(u.clone()));
+    uris
+}
+
+/// A resumed session must have prepared exactly what the first one did.
+fn check_same_preparation(first: &journal::Prepared, now: &journal::Prepared) -> Result<(), RunError> {
+    for p in &first.platforms {
+        match now.platforms.iter().find(|n| n.name == p.name) {
+            Some(n) if n == p => {}
+            Some(n) => {
+                return Err(RunError::Resume(format!(
+                    "platform `{}`: its golden state is not the one the run began with (state sha256 {} then, {} now); start a new run",
+                    p.name, p.golden_state_sha256, n.golden_state_sha256
+                )));
+            }
+            None => return Err(RunError::Resume(format!("platform `{}` is gone from the lab", p.name))),
+        }
+    }
+    if first.patches != now.patches {
+        return Err(RunError::Resume("the patch files built now differ from those the run began with (sha256); start a new run".into()));
+    }
+    Ok(())
 }
 
 type Prepared = (LibvirtHost, Vec<PlatformRef>, HashMap<String, Golden>, accel::AccelDecision);
@@ -225,6 +418,10 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
             .collect();
         handles.into_iter().map(|(name, h)| (name, h.join().expect("golden thread"))).collect()
     });
+    // `patchlab clean --cache` removes only what no run used lately.
+    for (_, image) in &images {
+        crate::hypervisor::clean::mark_used(&image.dir);
+    }
     let mut refs = Vec::new();
     let mut map = HashMap::new();
     for (name, golden) in goldens {
@@ -235,6 +432,9 @@ fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run
             None => (None, None, None),
         };
         let golden = golden?;
+        crate::hypervisor::clean::mark_used(&golden.dir);
+        // A golden state whose files changed on disk would make every clone of it suspect.
+        golden.verify_digests()?;
         let (origin, recipe_digest, image_sha) = match &golden.record.origin {
             GoldenOrigin::Image { recipe, recipe_digest, image_disk_sha256 } => (format!("image:{recipe}"), Some(recipe_digest.clone()), Some(image_disk_sha256.clone())),
             GoldenOrigin::DomainSnapshot { domain, snapshot } => (format!("domain:{domain}/{snapshot}"), None, None),

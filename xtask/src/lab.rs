@@ -20,7 +20,7 @@ fn hostname() -> String {
 }
 
 /// The development key (private key path, allowed_signers path), generated when missing.
-fn dev_key(bin: &Path, root: &Path) -> Result<(PathBuf, PathBuf), String> {
+pub fn dev_key(bin: &Path, root: &Path) -> Result<(PathBuf, PathBuf), String> {
     let dir = dev_key_dir()?;
     let (key, allowed) = (dir.join("id_ed25519"), dir.join("allowed_signers"));
     if !key.exists() {
@@ -36,15 +36,24 @@ fn dev_key(bin: &Path, root: &Path) -> Result<(PathBuf, PathBuf), String> {
 pub fn run(args: &[String]) -> Result<u8, String> {
     let root = repo_root();
     let mut out = None;
-    let mut lab = None;
+    let mut labs = Vec::new();
+    let mut nightly = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--out" => out = Some(it.next().ok_or("--out needs a directory")?.clone()),
-            a if a.starts_with('-') => return Err(format!("unknown option {a}; usage: cargo xtask lab [--out DIR] [LAB]")),
-            a => lab = Some(a.to_string()),
+            "--nightly" => nightly = true,
+            a if a.starts_with('-') => return Err(format!("unknown option {a}; usage: cargo xtask lab [--out DIR] [LAB] | cargo xtask lab --nightly [--out DIR] [LAB...]")),
+            a => labs.push(a.to_string()),
         }
     }
+    if nightly {
+        return crate::nightly::run(&root, out, labs);
+    }
+    if labs.len() > 1 {
+        return Err("one lab at a time without --nightly".into());
+    }
+    let lab = labs.pop();
     setup::all(&root)?;
     let bin = setup::patchlab_bin(&root);
     let lab = lab.unwrap_or_else(|| "labs/default.toml".into());

@@ -1,13 +1,17 @@
 //! `cargo xtask`: the two commands of the README, plus the tools behind them.
 //!
 //!   cargo xtask lab [--out DIR] [LAB]   set up what is missing, run a lab (default labs/default.toml)
+//!   cargo xtask lab --nightly [LAB...]  run every lab under labs/ (or those named): index.json, index.md
 //!   cargo xtask test [-- ARGS]          set up what is missing, run the whole test suite
+//!   cargo xtask bench [--quick] [--out DIR]   measure clones, cells and labs (docs/performance.md)
 //!   cargo xtask setup                   only install packages, start daemons and build images
 //!
 //! Few dependencies on purpose: xtask must build before the system packages that patchlab
 //! itself needs to compile (libvirt-dev) are installed.
 
+mod bench;
 mod lab;
+mod nightly;
 mod setup;
 mod test;
 
@@ -22,10 +26,11 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         "lab" => lab::run(rest),
+        "bench" => bench::run(rest),
         "test" => test::run(rest),
         "setup" => setup::all(&repo_root()).map(|_| 0),
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <lab [--out DIR] [--nightly] [LAB] | test [-- CARGO TEST ARGS] | setup>");
+            println!("usage: cargo xtask <lab [--out DIR] [LAB] | lab --nightly [--out DIR] [LAB...] | test [-- CARGO TEST ARGS] | bench [--quick] [--out DIR] | setup>");
             Ok(0)
         }
         other => Err(format!("unknown xtask command `{other}`; try `cargo xtask help`")),

@@ -1,0 +1,403 @@
+//! Reliability drills (issue 6), through the real CLI on real guests: patches that misbehave, a
+//! clone whose QEMU dies, signals mid-run, a corrupt golden state, a host without room for a clone,
+//! bad usage. Every drill ends with the shared leak check (tests/common: `LeakCheck`).
+//!
+//! The drills share the debian-12 golden state and one lab run for all misbehaving patches, so the
+//! whole file stays within a few minutes under TCG.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A script patch: name, install script, remove script.
+type ScriptPatch<'a> = (&'a str, &'a str, &'a str);
+
+/// Writes a lab over debian-12 with one script patch per entry, into `dir`.
+fn write_lab(dir: &Path, patches: &[ScriptPatch<'_>], settings: &str) -> PathBuf {
+    let mut lab = format!("name = \"drill\"\n[platforms.debian-12]\nimage = \"{}\"\n", common::root().join("images/debian-12.toml").display());
+    for (name, install, remove) in patches {
+        let pdir = dir.join(name);
+        std::fs::create_dir_all(&pdir).unwrap();
+        std::fs::write(pdir.join("install.sh"), format!("#!/bin/sh\n{install}\n")).unwrap();
+        std::fs::write(pdir.join("remove.sh"), format!("#!/bin/sh\n{remove}\n")).unwrap();
+        lab += &format!(
+            "[patches.{name}]\nkind = \"script\"\nfiles = [\"{0}/install.sh\", \"{0}/remove.sh\"]\ninstall = [\"/bin/sh\", \"/var/tmp/patchlab/install.sh\"]\nremove = [\"/bin/sh\", \"/var/tmp/patchlab/remove.sh\"]\n",
+            pdir.display()
+        );
+    }
+    lab += "[checks.nginx]\nkind = \"command\"\nargv = [\"/bin/systemctl\", \"is-active\", \"nginx\"]\nretries = 1\n";
+    lab += "[checks.disk-writable]\nkind = \"command\"\nargv = [\"/bin/sh\", \"-c\", \"echo probe > /var/tmp/drill-probe && rm /var/tmp/drill-probe\"]\nretries = 0\n";
+    lab += settings;
+    let path = dir.join("drill.toml");
+    std::fs::write(&path, lab).unwrap();
+    path
+}
+
+/// A `patchlab run` child whose stderr is collected line by line.
+struct Run {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn spawn(lab: &Path, out: &Path, extra: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patchlab"))
+        .args(["run"])
+        .arg(lab)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  | {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Run { child, log }
+}
+
+impl Run {
+    /// The clone name of the cell of `patch`, once its "cell started" line is logged.
+    fn clone_of(&self, patch: &str, deadline: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            let found = self.log.lock().unwrap().iter().filter(|l| l.contains("cell started") && field(l, "patch").as_deref() == Some(patch)).find_map(|l| field(l, "clone"));
+            if let Some(clone) = found {
+                return clone;
+            }
+            assert!(t.elapsed() < deadline, "no cell of {patch} started within {deadline:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait(mut self, deadline: Duration) -> (i32, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200)); // let the reader drain
+                return (status.code().unwrap_or(-1), self.log.lock().unwrap().join("\n"));
+            }
+            if t.elapsed() > deadline {
+                let _ = self.child.kill();
+                panic!("patchlab run did not end within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// `key=value` or `key="value"` in a log line.
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let value = if let Some(quoted) = rest.strip_prefix('"') { &quoted[..quoted.find('"')?] } else { rest.split_whitespace().next()? };
+    Some(value.to_string())
+}
+
+/// Waits until `marker` appears in the clone's console log (scripts write to /dev/ttyS0).
+fn wait_console(clone: &str, marker: &str, deadline: Duration) {
+    let t = Instant::now();
+    let dirs = common::dirs();
+    loop {
+        let found = std::fs::read_dir(dirs.clones()).into_iter().flatten().flatten().any(|run| std::fs::read(run.path().join(clone).join("console.log")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker)));
+        if found {
+            return;
+        }
+        assert!(t.elapsed() < deadline, "{clone} did not print {marker} within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pid of the QEMU process running `clone` (its `-name guest=CLONE,...` argument).
+fn qemu_pid(clone: &str) -> Option<i32> {
+    let needle = format!("guest={clone},");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline).contains(&needle).then_some(pid)
+    })
+}
+
+fn cell<'a>(report: &'a Value, patch: &str) -> &'a Value {
+    report["results"].as_array().unwrap().iter().find(|r| r["patch"] == patch).unwrap_or_else(|| panic!("no cell for {patch}: {report:#}"))
+}
+
+fn statuses(cell: &Value) -> Vec<String> {
+    ["baseline", "delivery", "install", "operations", "removal"].iter().map(|c| cell["conditions"][*c]["status"].as_str().unwrap().to_string()).collect()
+}
+
+/// Copies what a test-only cache dir needs from the shared one, without writing into it.
+fn cache_with(shared: &Path, cache: &Path) {
+    std::fs::create_dir_all(cache).unwrap();
+    std::os::unix::fs::symlink(shared.join("images"), cache.join("images")).unwrap();
+    if shared.join("accel-probe.json").exists() {
+        std::fs::copy(shared.join("accel-probe.json"), cache.join("accel-probe.json")).unwrap();
+    }
+}
+
+#[test]
+fn misbehaving_patches_and_a_killed_qemu_are_contained() {
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write_lab(
+        dir.path(),
+        &[
+            ("hangs", "echo installing; exec sleep 100000", "true"),
+            // Far more than qemu-ga captures (16 MiB) and libvirt carries (about 4 MiB per reply).
+            ("floods", "head -c 64M /dev/zero | tr '\\0' y; echo done >&2", "true"),
+            // Fills the guest's disk (root's reserved blocks too), then exits 0: the harness must
+            // keep working on a full disk, and the disk check fails.
+            ("fills-disk", "i=0; for s in 256M 16M 1M 64K 4K; do while fallocate -l $s /var/tmp/fill.$i 2>/dev/null; do i=$((i+1)); done; done; df /var/tmp; exit 0", "rm -f /var/tmp/fill.*"),
+            ("stops-agent", "systemctl stop qemu-guest-agent; sleep 60", "true"),
+            ("qemu-killed", "echo PATCHLAB-DRILL-KILL-ME > /dev/ttyS0; exec sleep 100000", "true"),
+        ],
+        "[settings]\ninstall_timeout = \"20s\"\nremove_timeout = \"20s\"\n",
+    );
+    let out = dir.path().join("out");
+    let run = spawn(&lab, &out, &["--jobs", "2"]);
+    // Kill the QEMU of the qemu-killed cell while its install runs.
+    let clone = run.clone_of("qemu-killed", Duration::from_secs(300));
+    wait_console(&clone, "PATCHLAB-DRILL-KILL-ME", Duration::from_secs(180));
+    let pid = qemu_pid(&clone).expect("the clone's qemu process");
+    eprintln!("killing qemu {pid} of {clone}");
+    // SAFETY: plain kill(2) on the pid of the QEMU this test's run started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let (code, log) = run.wait(Duration::from_secs(600));
+    let report = common::read_json(&out.join("report.json"));
+    eprintln!("misbehaving patches drill: {:?}, exit {code}", t.elapsed());
+    for r in report["results"].as_array().unwrap() {
+        eprintln!("  {}: {} {:?} error={} install={}", r["patch"], r["verdict"], statuses(r), r["error"], r["conditions"]["install"]["reason"]);
+    }
+    assert!(!log.contains("panicked"), "the harness panicked:\n{log}");
+    assert_eq!(report["complete"], true, "every cell finished: {report:#}");
+    assert_eq!(report["results"].as_array().unwrap().len(), 5);
+
+    // A hanging install meets its deadline: the patch's fault.
+    let hangs = cell(&report, "hangs");
+    assert_eq!(hangs["verdict"], "fail");
+    assert_eq!(statuses(hangs)[2], "fail");
+    assert!(hangs["conditions"]["install"]["reason"].as_str().unwrap().contains("did not finish within 20s"), "{hangs:#}");
+    // A flood of output: bounded capture with the digest and length of what the agent returned.
+    let floods = cell(&report, "floods");
+    assert_ne!(floods["verdict"], "pass", "300 MB of output cannot be captured whole: {floods:#}");
+    if let Some(cmd) = floods["conditions"]["install"]["commands"].as_array().and_then(|c| c.first()) {
+        assert!(cmd["stdout"]["text"].as_str().unwrap().len() <= 64 * 1024);
+        assert_eq!(cmd["stdout"]["truncated"], true);
+    }
+    // A full disk: a condition fails (the disk check), the harness does not break.
+    let fills = cell(&report, "fills-disk");
+    assert_eq!(fills["verdict"], "fail", "{fills:#}");
+    assert!(fills["error"].is_null(), "{fills:#}");
+    // The agent gone, or the whole QEMU: the lab broke, so `error`, with the reason.
+    for patch in ["stops-agent", "qemu-killed"] {
+        let c = cell(&report, patch);
+        assert_eq!(c["verdict"], "error", "{patch}: {c:#}");
+        assert_eq!(statuses(c)[2], "error", "{patch}");
+        assert!(c["error"].as_str().is_some_and(|e| e.contains("guest agent")), "{patch}: {c:#}");
+    }
+    assert_eq!(code, 1, "a failed patch outweighs errors (exit 1)");
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).assert_clean();
+}
+
+#[test]
+fn sigint_and_sigterm_tear_everything_down_and_leave_an_incomplete_report() {
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    // Both signals at once, each on its own run: the drills share the machine's two cores.
+    std::thread::scope(|s| {
+        for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+            let (host, golden) = (&host, &golden);
+            s.spawn(move || signal_drill(host, golden, signal, name));
+        }
+    });
+}
+
+fn signal_drill(host: &patchlab::hypervisor::libvirt::LibvirtHost, golden: &patchlab::hypervisor::golden::Golden, signal: i32, name: &str) {
+    {
+        let t = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let lab = write_lab(dir.path(), &[("a-slow", "echo PATCHLAB-DRILL-SLOW > /dev/ttyS0; exec sleep 100000", "true"), ("b-slow", "exec sleep 100000", "true")], "");
+        let out = dir.path().join("out");
+        let run = spawn(&lab, &out, &["--jobs", "1"]);
+        let clone = run.clone_of("a-slow", Duration::from_secs(300));
+        wait_console(&clone, "PATCHLAB-DRILL-SLOW", Duration::from_secs(180));
+        assert!(host.lookup(&clone).is_some(), "{clone} runs");
+        // SAFETY: kill(2) on the child this test spawned.
+        assert_eq!(unsafe { libc::kill(run.child.id() as i32, signal) }, 0);
+        let (code, log) = run.wait(Duration::from_secs(120));
+        let report = common::read_json(&out.join("report.json"));
+        eprintln!("{name} drill: {:?}, exit {code}", t.elapsed());
+        assert!(!log.contains("panicked"), "{log}");
+        assert_eq!(report["complete"], false, "{name}: {report:#}");
+        assert_eq!(report["verdict"], "error", "{name}");
+        assert_eq!(code, 3, "{name}: an incomplete run is the lab's error");
+        assert!(report["results"].as_array().unwrap().iter().all(|r| r["patch"] != "b-slow"), "{name}: no cell starts after the signal");
+        common::LeakCheck::new(host, report["run_id"].as_str().unwrap(), &[golden]).assert_clean();
+    }
+}
+
+#[test]
+fn a_corrupt_or_missing_golden_state_is_named_and_nothing_runs() {
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    for variant in ["corrupt", "missing"] {
+        let t = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        // A test-only cache whose golden is a copy: the shared goldens are never touched.
+        let cache = dir.path().join("cache");
+        cache_with(&host.dirs.root, &cache);
+        let copy = cache.join("golden").join(golden.dir.file_name().unwrap());
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in ["golden.json", "console.log", "state.save"] {
+            std::fs::copy(golden.dir.join(f), copy.join(f)).unwrap();
+        }
+        let state = copy.join("state.save");
+        if variant == "corrupt" {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&state).unwrap();
+            f.seek(SeekFrom::End(-4096)).unwrap();
+            f.write_all(b"corrupted by the drill").unwrap();
+        } else {
+            std::fs::remove_file(&state).unwrap();
+        }
+        let lab = write_lab(dir.path(), &[("noop", "true", "true")], "");
+        let out = dir.path().join("out");
+        let run = spawn(&lab, &out, &["--cache-dir", cache.to_str().unwrap()]);
+        let (code, log) = run.wait(Duration::from_secs(300));
+        eprintln!("golden {variant} drill: {:?}, exit {code}", t.elapsed());
+        assert_eq!(code, 3, "{variant}: {log}");
+        assert!(log.contains(&state.display().to_string()), "{variant}: the error names {}:\n{log}", state.display());
+        let report = common::read_json(&out.join("report.json"));
+        assert_eq!(report["complete"], false);
+        assert_eq!(report["verdict"], "error");
+        assert!(report["results"].as_array().unwrap().is_empty());
+        // Nothing was cloned from it.
+        let clones: Vec<_> = std::fs::read_dir(cache.join("clones")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        assert!(clones.is_empty(), "{clones:?}");
+        assert!(host.patchlab_domains().unwrap().iter().all(|d| !d.contains(report["run_id"].as_str().unwrap())));
+    }
+    common::LeakCheck::new(&host, "no-run", &[&golden]).assert_clean();
+}
+
+/// The clones directory on a 64 MiB file system: every cell is refused before anything is cloned.
+#[test]
+fn a_host_without_room_for_a_clone_is_refused_before_cloning() {
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64M", "tmpfs"]).arg(&cache).status().is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here; the room check is unit-tested in hypervisor::room_tests");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(cache.clone());
+    cache_with(&host.dirs.root, &cache);
+    std::fs::create_dir_all(cache.join("golden")).unwrap();
+    std::os::unix::fs::symlink(&golden.dir, cache.join("golden").join(golden.dir.file_name().unwrap())).unwrap();
+    let lab = write_lab(dir.path(), &[("noop", "true", "true")], "");
+    let out = dir.path().join("out");
+    let (code, log) = spawn(&lab, &out, &["--cache-dir", cache.to_str().unwrap()]).wait(Duration::from_secs(300));
+    eprintln!("no room drill: {:?}, exit {code}", t.elapsed());
+    assert_eq!(code, 3, "{log}");
+    let report = common::read_json(&out.join("report.json"));
+    let c = cell(&report, "noop");
+    assert_eq!(c["verdict"], "error");
+    assert!(c["error"].as_str().unwrap().contains("not enough free space for a clone"), "{c:#}");
+    assert!(!log.contains("restore clone"), "refused before restoring: {log}");
+    let run_id = report["run_id"].as_str().unwrap();
+    assert!(!cache.join("clones").join(run_id).exists());
+    common::LeakCheck::new(&host, run_id, &[&golden]).assert_clean();
+}
+
+#[test]
+fn bad_usage_exits_2_and_a_missing_libvirtd_is_one_clear_sentence() {
+    let patchlab = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_patchlab"));
+        c.env("NO_COLOR", "1").stdin(Stdio::null());
+        c
+    };
+    for args in [&[][..], &["run"], &["frobnicate"], &["run", "--jobs", "many", "labs/default.toml"], &["run", "--accel", "warp", "labs/default.toml"], &["run", "/no/such/lab.toml"]] {
+        let out = patchlab().current_dir(common::root()).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "patchlab {args:?}: {stderr}");
+        assert!(stderr.contains("Usage") || stderr.contains("error:"), "patchlab {args:?} says why: {stderr}");
+    }
+    // No libvirtd at that socket: exit 3, one sentence saying what to do, and an incomplete report.
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write_lab(dir.path(), &[("noop", "true", "true")], "");
+    let out_dir = dir.path().join("out");
+    let out = patchlab().arg("run").arg(&lab).arg("--out").arg(&out_dir).args(["--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    assert!(error_lines[0].contains("is libvirtd running?") && error_lines[0].contains("libvirtd -d"), "{stderr}");
+    let report = common::read_json(&out_dir.join("report.json"));
+    assert_eq!((report["complete"].as_bool(), report["verdict"].as_str()), (Some(false), Some("error")));
+}
+
+/// libvirtd is restarted mid-run. This stops the host's daemon for every user of the machine,
+/// so it only runs when asked for: PATCHLAB_DRILL_RESTART_LIBVIRTD=1 (on a dedicated CI machine).
+#[test]
+fn libvirtd_restarted_mid_run() {
+    if std::env::var_os("PATCHLAB_DRILL_RESTART_LIBVIRTD").is_none() {
+        eprintln!("SKIPPED: set PATCHLAB_DRILL_RESTART_LIBVIRTD=1 to restart the host's libvirtd mid-run");
+        return;
+    }
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write_lab(dir.path(), &[("slow", "echo PATCHLAB-DRILL-SLOW > /dev/ttyS0; sleep 15", "true")], "");
+    let out = dir.path().join("out");
+    let run = spawn(&lab, &out, &[]);
+    let clone = run.clone_of("slow", Duration::from_secs(300));
+    wait_console(&clone, "PATCHLAB-DRILL-SLOW", Duration::from_secs(180));
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid").unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) on libvirtd's pid, as its pid file names it.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success());
+    let (code, log) = run.wait(Duration::from_secs(300));
+    eprintln!("libvirtd restart drill: exit {code}\n{log}");
+    assert!(code == 3 || code == 0 || code == 1, "{log}");
+    if code == 3 && !out.join("report.json").exists() {
+        assert!(log.contains("error:"), "a clear message: {log}");
+    }
+    // At worst `patchlab clean` removes what the broken connection left behind.
+    let host = patchlab::hypervisor::libvirt::LibvirtHost::connect(common::URI, common::dirs()).unwrap();
+    host.reap().unwrap();
+    let run_id = common::read_json(&out.join("report.json"))["run_id"].as_str().unwrap().to_string();
+    common::LeakCheck::new(&host, &run_id, &[&golden]).assert_clean();
+}
