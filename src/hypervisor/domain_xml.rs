@@ -41,18 +41,24 @@ pub fn metadata_element(run_id: &str, role: &str) -> String {
     format!("<patchlab:instance xmlns:patchlab='{METADATA_URI}'><patchlab:run>{}</patchlab:run><patchlab:role>{}</patchlab:role></patchlab:instance>", esc(run_id), esc(role))
 }
 
-fn port_forwards(ports: &[(u16, u16)]) -> String {
-    ports
-        .iter()
-        .map(|(host, guest)| format!("      <portForward proto='tcp' address='127.0.0.1'><range start='{host}' to='{guest}'/></portForward>\n"))
-        .collect()
+/// The clone's network: QEMU user-mode networking with `restrict=on`. The guest gets an address by
+/// DHCP and can answer connections the host makes through the forwarded ports, but cannot open
+/// any connection of its own: not to the host (passt, tried first, relays the guest's gateway to
+/// the host's loopback), not to other clones, not outside. libvirt's `<interface type='user'>` has
+/// no such switch, hence a netdev and device given on QEMU's command line, at a fixed PCI slot so
+/// the saved device state always matches.
+const NETDEV: &str = "user,id=plnet0,restrict=on";
+const NET_DEVICE: &str = "virtio-net-pci,netdev=plnet0,bus=pci.0,addr=0x10";
+
+fn netdev_arg(ports: &[(u16, u16)]) -> String {
+    let forwards: String = ports.iter().map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}")).collect();
+    format!("{NETDEV}{forwards}")
 }
 
 pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
     let id = &spec.identity;
-    let forwards = port_forwards(&id.ports);
     format!(
-        "<domain type='{accel}'>
+        "<domain type='{accel}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   <metadata>{metadata}</metadata>
@@ -72,10 +78,6 @@ pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <interface type='user'>
-      <backend type='passt'/>
-{forwards}      <model type='virtio'/>
-    </interface>
     <serial type='file'>
       <source path='{console}'/>
       <target port='0'/>
@@ -85,8 +87,15 @@ pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
     </channel>
     <memballoon model='none'/>
   </devices>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value='{netdev}'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='{NET_DEVICE}'/>
+  </qemu:commandline>
 </domain>
 ",
+        netdev = netdev_arg(&id.ports),
         accel = spec.accel.domain_type(),
         name = esc(&id.name),
         uuid = esc(&id.uuid),
@@ -128,13 +137,13 @@ pub fn clone_xml(saved: &str, golden: &Identity, clone: &Identity, run_id: &str)
     let mut xml = replace_checked(saved, "the golden uuid", &format!("<uuid>{}</uuid>", golden.uuid), &format!("<uuid>{}</uuid>", clone.uuid), true)?;
     xml = replace_checked(&xml, "the golden disk", &format!("<source file='{}'", path(&golden.disk)), &format!("<source file='{}'", path(&clone.disk)), true)?;
     xml = replace_checked(&xml, "the golden console", &format!("'{}'", path(&golden.console)), &format!("'{}'", path(&clone.console)), false)?;
-    // Forwarded ports are passt's configuration, not device state: the golden has none and each
-    // clone gets its own, so one golden state serves labs that check different ports.
+    // Forwarded ports are the netdev's configuration, not device state: the golden has none and
+    // each clone gets its own, so one golden state serves labs that check different ports.
     if !golden.ports.is_empty() {
         return Err(RewriteError { what: "no forwarded ports in", needle: "the golden".into(), found: golden.ports.len(), expected: "0" });
     }
-    let backend = "<backend type='passt'/>";
-    xml = replace_checked(&xml, "the passt backend", backend, &format!("{backend}\n{}", port_forwards(&clone.ports).trim_end()), true)?;
+    let golden_netdev = format!("<qemu:arg value='{NETDEV}'/>");
+    xml = replace_checked(&xml, "the user-mode netdev", &golden_netdev, &format!("<qemu:arg value='{}'/>", netdev_arg(&clone.ports)), true)?;
     // The name also appears in paths libvirt derived from it (channel sockets): replace them all,
     // last, so the exact replacements above see the paths patchlab recorded.
     xml = replace_checked(&xml, "the golden name", &format!("<name>{}</name>", esc(&golden.name)), &format!("<name>{}</name>", esc(&clone.name)), true)?;
@@ -176,10 +185,10 @@ mod tests {
         for needle in ["patchlab-golden-abc", "golden-run", "<patchlab:role>golden"] {
             assert!(!xml.contains(needle), "{needle} left in {xml}");
         }
-        for needle in ["<name>patchlab-r1-0</name>", "<uuid>0000000d-0000-4000-8000-000000000000</uuid>", "patchlab-r1-0/disk.qcow2", "patchlab-r1-0/console.log", "start='41000' to='80'", "start='41001' to='22'", "<patchlab:run>run-42</patchlab:run>", "1-patchlab-r1-0/org.qemu"] {
+        for needle in ["<name>patchlab-r1-0</name>", "<uuid>0000000d-0000-4000-8000-000000000000</uuid>", "patchlab-r1-0/disk.qcow2", "patchlab-r1-0/console.log", "hostfwd=tcp:127.0.0.1:41000-:80,hostfwd=tcp:127.0.0.1:41001-:22", "<patchlab:run>run-42</patchlab:run>", "1-patchlab-r1-0/org.qemu"] {
             assert!(xml.contains(needle), "{needle} missing from {xml}");
         }
-        assert_eq!(xml.lines().count(), saved.lines().count() + 2);
+        assert_eq!(xml.lines().count(), saved.lines().count());
     }
 
     #[test]

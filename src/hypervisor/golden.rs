@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{Accel, HypervisorError, saveimage};
 
 /// Bumped when the way golden states are made changes, so old ones are not reused.
-pub const GOLDEN_FORMAT: u32 = 2;
+pub const GOLDEN_FORMAT: u32 = 3;
 
 /// Run in the guest just before it is saved. udev may still be loading modules when systemd says
 /// it is up (a clone would then differ from itself seconds later), and the saved memory includes

@@ -322,7 +322,7 @@ fn make_read_only(path: &Path) -> Result<(), HypervisorError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(HypervisorError::io(format!("make {} read-only", path.display())))
 }
 
-/// A free TCP port on 127.0.0.1, as the kernel hands it out; passt binds it right after.
+/// A free TCP port on 127.0.0.1, as the kernel hands it out; QEMU binds it right after.
 fn free_port() -> Result<u16, HypervisorError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(HypervisorError::io("find a free port on 127.0.0.1"))?;
     Ok(listener.local_addr().map_err(HypervisorError::io("find a free port"))?.port())

@@ -11,7 +11,7 @@ use crate::{run_ok, step};
 const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients", "libvirt-dev", "pkg-config"];
 /// chromium and libxml2-utils (xmllint) are for tests/renderings.rs: the HTML report in a headless
 /// browser, junit.xml against the JUnit schema.
-const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "passt", "openssh-client", "chromium", "libxml2-utils"];
+const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "openssh-client", "chromium", "libxml2-utils"];
 
 /// Images the default lab and the test suite run on.
 pub const IMAGES: &[&str] = &["images/debian-11.toml", "images/debian-12.toml", "images/debian-13.toml"];
