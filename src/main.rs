@@ -66,6 +66,9 @@ enum Command {
         /// Sign report.json with this unencrypted OpenSSH ed25519 key (mode 0600); writes report.json.sig.
         #[arg(long, env = "PATCHLAB_SIGNING_KEY")]
         key: Option<PathBuf>,
+        /// The --key is a throwaway development key; the report's signer says so (`cargo xtask lab` uses this).
+        #[arg(long, requires = "key")]
+        development_key: bool,
     },
     /// Generate an ed25519 signing key: id_ed25519, id_ed25519.pub and allowed_signers in DIR.
     Keygen {
@@ -217,7 +220,7 @@ fn run(cli: Cli, bars: Option<indicatif::MultiProgress>) -> u8 {
         Command::Keygen { out, identity } => signing::keygen(&out, identity),
         Command::Verify { report, allowed_signers, identity } => signing::verify(&report, &allowed_signers, identity.as_deref()),
         Command::Gate { report, allowed_signers, identity, patches, max_age, platforms, min_coverage } => signing::gate(&report, &allowed_signers, identity.as_deref(), &patches, max_age, platforms, min_coverage),
-        Command::Run { lab, out, resume, connect, hosts, accel, jobs, key } => {
+        Command::Run { lab, out, resume, connect, hosts, accel, jobs, key, development_key } => {
             let lab = match (lab, &resume) {
                 (Some(lab), _) => lab,
                 (None, Some(dir)) => match patchlab::run::journaled_lab_file(dir) {
@@ -242,7 +245,7 @@ fn run(cli: Cli, bars: Option<indicatif::MultiProgress>) -> u8 {
                 return 2;
             }
             let out_dir = resume.clone().or(out).unwrap_or_else(|| patchlab::run::default_out_dir(&lab));
-            let opts = patchlab::run::RunOptions { out_dir, uri: connect, hosts, cache_dir: cli.cache_dir, accel, jobs, signing_key: key };
+            let opts = patchlab::run::RunOptions { out_dir, uri: connect, hosts, cache_dir: cli.cache_dir, accel, jobs, signing_key: key, development_key };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(async {
                 let cancel = CancellationToken::new();

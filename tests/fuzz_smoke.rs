@@ -109,6 +109,7 @@ fn report() -> Report {
         patches: vec![],
         coverage: Default::default(),
         results: vec![cell("debian-12"), cell("<script>alert(1)</script>")],
+        signer: None,
     }
 }
 

@@ -138,6 +138,7 @@ pub fn mixed_report() -> Report {
             cell("debian-13", "nginx-fix", Verdict::Error, broke, Some("the guest agent stopped answering during install")),
             cell("debian-13", "openssl-fix", Verdict::Pass, all_pass(), None),
         ],
+        signer: None,
     }
 }
 

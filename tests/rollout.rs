@@ -77,6 +77,7 @@ fn good_report() -> Report {
         }],
         coverage: coverage_of(&std::fs::read_to_string(INVENTORY).unwrap()),
         results: vec![cell("debian-12", Verdict::Pass), cell("debian-13", Verdict::Pass)],
+        signer: None,
     }
 }
 

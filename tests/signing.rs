@@ -51,6 +51,7 @@ fn good_report() -> Report {
             cell("debian12", "openssl-fix", Verdict::Pass, vec![EvidenceRef { path: "evidence/debian12-openssl-fix-console.log".into(), sha256: sha256(EVIDENCE), bytes: EVIDENCE.len() as u64 }]),
             cell("ubuntu24", "openssl-fix", Verdict::Pass, vec![]),
         ],
+        signer: None,
     }
 }
 

@@ -166,6 +166,7 @@ mod tests {
             patches: vec![PatchRef { name: "fix".into(), kind: "deb".into(), files: vec![FileRef { name: "fix.deb".into(), path: "patches/fix/fix.deb".into(), sha256: "aa".into(), package: "fix".into() }] }],
             coverage: Default::default(),
             results: vec![cell("debian", "fix", Verdict::Pass), cell("ubuntu", "fix", Verdict::Pass)],
+            signer: None,
         }
     }
 

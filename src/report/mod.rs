@@ -37,6 +37,22 @@ pub struct Report {
     /// Condition 1: the share of the inventory's hosts the lab simulates and the patch passed on.
     pub coverage: Coverage,
     pub results: Vec<CellResult>,
+    /// The key `patchlab run --key` signs this report with; `None` when the run was not signed.
+    /// Who may sign is decided by the verifier's allowed_signers file, not by this field.
+    #[serde(default)]
+    pub signer: Option<SignerRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignerRef {
+    /// The key's comment, by convention the signer's identity (`patchlab keygen --identity`).
+    pub key_comment: String,
+    /// `SHA256:...` of the public key.
+    pub key_fingerprint: String,
+    /// A throwaway development key (`cargo xtask lab` makes one on first use): fine for trying
+    /// patchlab, not for approving a release.
+    pub development: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -117,6 +117,12 @@ pub fn load_signing_key(key_path: &Path) -> Result<PrivateKey, SignError> {
     Ok(key)
 }
 
+/// What a report says about the key that will sign it.
+pub fn signer_ref(key_path: &Path, development: bool) -> Result<super::SignerRef, SignError> {
+    let key = load_signing_key(key_path)?;
+    Ok(super::SignerRef { key_comment: key.comment().to_string(), key_fingerprint: key.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string(), development })
+}
+
 /// The path of the detached signature of `report_path`: `<report_path>.sig`.
 pub fn signature_path(report_path: &Path) -> PathBuf {
     let mut name = report_path.as_os_str().to_owned();

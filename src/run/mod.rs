@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub jobs: Option<usize>,
     /// Sign report.json with this OpenSSH ed25519 key (writes report.json.sig beside it).
     pub signing_key: Option<PathBuf>,
+    /// The signing key is a development key: the report says so.
+    pub development_key: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +145,7 @@ fn broken_run_report(lab: &Lab, opts: &RunOptions, started_at: jiff::Timestamp) 
         patches: vec![],
         coverage: report::Coverage { status: report::Status::Skipped, threshold_percent: lab.coverage_threshold_percent, ..Default::default() },
         results: vec![],
+        signer: None,
     }
 }
 
@@ -332,6 +335,7 @@ async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: Cancellati
         patches: first_prepared.patches.clone(),
         coverage,
         results,
+        signer: opts.signing_key.as_deref().map(|key| report::sign::signer_ref(key, opts.development_key)).transpose()?,
     };
     let report_path = report.write(&opts.out_dir).map_err(io("write report.json"))?;
     // Derived renderings (report.html, report.md, junit.xml): not signed, not listed in the report.

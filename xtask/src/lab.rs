@@ -71,7 +71,7 @@ pub fn run(args: &[String]) -> Result<u8, String> {
     let mut cmd = Command::new(&bin);
     cmd.current_dir(&root).args(["run", &lab, "--out", &out]);
     if let Some((key, _)) = &dev {
-        cmd.arg("--key").arg(key);
+        cmd.arg("--key").arg(key).arg("--development-key");
     }
     let code = run_status(&mut cmd)?;
     let dir = root.join(&out);

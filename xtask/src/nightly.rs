@@ -53,7 +53,7 @@ pub fn run(root: &Path, out: Option<String>, labs: Vec<String>) -> Result<u8, St
         let mut cmd = Command::new(&bin);
         cmd.current_dir(root).args(["run", lab, "--ci", "--out"]).arg(&dir).arg("--log-json").arg(dir.join("patchlab.log.jsonl"));
         if let Some((key, _)) = &dev {
-            cmd.arg("--key").arg(key);
+            cmd.arg("--key").arg(key).arg("--development-key");
         }
         let exit_code = run_status(&mut cmd)?;
         let report = std::fs::read_to_string(dir.join("report.json")).ok();

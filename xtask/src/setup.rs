@@ -14,7 +14,7 @@ const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils", "libvirt-daemon-sys
 const PACKAGES_ANY_SUITE: &[&str] = &["debootstrap", "openssh-client", "chromium", "libxml2-utils"];
 
 /// Images the default lab and the test suite run on.
-pub const IMAGES: &[&str] = &["images/debian-11.toml", "images/debian-12.toml", "images/debian-13.toml"];
+pub const IMAGES: &[&str] = &["images/debian-11.toml", "images/debian-12.toml", "images/debian-12-point.toml", "images/debian-13.toml"];
 
 pub fn all(root: &Path) -> Result<(), String> {
     packages()?;
