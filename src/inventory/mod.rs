@@ -187,13 +187,8 @@ fn example(key: &str) -> &'static str {
 
 fn check_host_name(name: &str) -> Result<(), String> {
     const RULE: &str = "host names use letters, digits, `-`, `_` and `.`, start with a letter or digit, at most 253 characters";
-    if name.is_empty() {
-        return Err(format!("the name is empty: {RULE}"));
-    }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("`{name}` contains {bad:?}: {RULE}"));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) || name.len() > 253 {
+    crate::lab::plain_name(name, 253, RULE)?;
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return Err(format!("`{name}`: {RULE}"));
     }
     Ok(())

@@ -456,15 +456,21 @@ fn check_kind(name: &str, name_span: Range<usize>, c: &RawCheck) -> Spanned<Chec
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    const RULE: &str = "names use letters, digits, `-`, `_` and `.`, at most 40 characters";
+    plain_name(name, 40, "names use letters, digits, `-`, `_` and `.`, at most 40 characters")
+}
+
+/// The one rule for names patchlab puts in paths and reports (labs, platforms, patches, checks,
+/// inventory hosts): letters, digits, `-`, `_` and `.`, at most `max` characters. `rule` says it
+/// the way the caller's users know it.
+pub(crate) fn plain_name(name: &str, max: usize, rule: &str) -> Result<(), String> {
     if name.is_empty() {
-        return Err(format!("the name is empty: {RULE}"));
+        return Err(format!("the name is empty: {rule}"));
     }
     if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("`{name}` contains {bad:?}: {RULE}"));
+        return Err(format!("`{name}` contains {bad:?}: {rule}"));
     }
-    if name.len() > 40 {
-        return Err(format!("`{name}` is {} characters long: {RULE}", name.len()));
+    if name.len() > max {
+        return Err(format!("`{name}` is {} characters long: {rule}", name.len()));
     }
     Ok(())
 }
