@@ -56,7 +56,7 @@ fn the_fixtures_lab_tells_each_kind_of_bad_patch_from_a_good_one() {
         // The removal proof names what the residue patch left behind.
         let residue = &cell(&report, platform, "leaves-residue")["conditions"]["removal"]["differences"];
         let items: Vec<String> = residue.as_array().unwrap().iter().map(|d| format!("{}:{}", d["kind"].as_str().unwrap(), d["item"].as_str().unwrap())).collect();
-        for expected in ["user:patchlab-residue", "file:/etc/cron.d/patchlab-residue", "file:/var/lib/patchlab-residue/state"] {
+        for expected in ["user:patchlab-residue", "group:patchlab-residue", "cron:/etc/cron.d/patchlab-residue", "file:/var/lib/patchlab-residue/state"] {
             assert!(items.iter().any(|i| i == expected), "{platform}: {expected} not among the differences {items:?}");
         }
         // A clean package leaves no difference, and neither does undoing an upgrade.
