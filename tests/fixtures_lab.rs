@@ -40,6 +40,9 @@ fn the_fixtures_lab_tells_each_kind_of_bad_patch_from_a_good_one() {
     assert_eq!(report["complete"], true);
     assert_eq!(report["results"].as_array().unwrap().len(), PLATFORMS.len() * EXPECTED.len());
 
+    let kind = |name: &str| report["patches"].as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["kind"].clone()).unwrap();
+    assert_eq!((kind("good"), kind("upgrade"), kind("needs-reboot")), ("deb".into(), "upgrade".into(), "script".into()));
+
     let mut mismatches = Vec::new();
     for platform in PLATFORMS {
         for (patch, verdict, statuses) in EXPECTED {

@@ -82,6 +82,17 @@ pub enum PatchKind {
     Script { install: Vec<String>, remove: Vec<String> },
 }
 
+impl PatchKind {
+    /// The kind as the lab file and the report write it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PatchKind::Deb => "deb",
+            PatchKind::Upgrade => "upgrade",
+            PatchKind::Script { .. } => "script",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Check {
     pub name: String,

@@ -215,7 +215,7 @@ async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: Cancellati
         .iter()
         .map(|p| PatchRef {
             name: p.name.clone(),
-            kind: "deb".into(),
+            kind: p.kind.name().into(),
             files: p.files.iter().map(|f| FileRef { name: f.name.clone(), path: format!("patches/{}/{}", p.name, f.name), sha256: f.sha256.clone(), package: f.package.clone() }).collect(),
         })
         .collect();
