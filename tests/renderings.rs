@@ -138,7 +138,7 @@ pub fn mixed_report() -> Report {
             cell("debian-13", "nginx-fix", Verdict::Error, broke, Some("the guest agent stopped answering during install")),
             cell("debian-13", "openssl-fix", Verdict::Pass, all_pass(), None),
         ],
-        signer: None,
+        signer: Some(patchlab::report::SignerRef { key_comment: "patchlab-dev@ci".into(), key_fingerprint: "SHA256:AAAAfixturefingerprint".into(), development: true }),
     }
 }
 

@@ -103,6 +103,8 @@ pub struct View {
     pub schema_version: u32,
     pub counts: String,
     pub hosts: Vec<HostView>,
+    /// Who signed: the key's comment and fingerprint, and a warning for development keys; "unsigned" otherwise.
+    pub signer: String,
     pub platforms: Vec<PlatformView>,
     pub patches: Vec<PatchView>,
     pub coverage: CoverageView,
@@ -312,6 +314,11 @@ impl View {
             schema_version: r.schema_version,
             counts,
             hosts: r.hosts.iter().map(|h| HostView { uri: e.s(&h.uri), accel: e.s(&h.accel), reason: e.s(&h.accel_reason) }).collect(),
+            signer: match &r.signer {
+                None => "unsigned".into(),
+                Some(s) if s.development => e.s(&format!("{} ({}), a DEVELOPMENT key: not for approving a release", s.key_comment, s.key_fingerprint)),
+                Some(s) => e.s(&format!("{} ({})", s.key_comment, s.key_fingerprint)),
+            },
             platforms: r
                 .platforms
                 .iter()
