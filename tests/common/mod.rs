@@ -54,12 +54,22 @@ impl<'a> LeakCheck<'a> {
         LeakCheck { host, run_id: run_id.to_string(), goldens }
     }
 
-    /// Asserts that no domain, overlay or state copy of the run remains and goldens are unchanged.
+    /// Asserts that no domain, overlay, state copy or temporary file of the run remains and that the
+    /// goldens are unchanged.
     pub fn assert_clean(&self) {
         let domains: Vec<String> = self.host.patchlab_domains().unwrap().into_iter().filter(|d| d.contains(&self.run_id)).collect();
         assert!(domains.is_empty(), "domains left behind: {domains:?}");
         let clone_dir = self.host.dirs.clones().join(&self.run_id);
         assert!(!clone_dir.exists(), "clone files left behind in {}: {:?}", clone_dir.display(), std::fs::read_dir(&clone_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()));
+        // No half-written file of patchlab's own: interrupted image builds, golden records, reports.
+        let stray: Vec<PathBuf> = [self.host.dirs.images(), self.host.dirs.golden()]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .flat_map(|p| std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()).chain(std::iter::once(p)).collect::<Vec<_>>())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-") || n.to_string_lossy().ends_with(".json.tmp")))
+            .collect();
+        assert!(stray.is_empty(), "temporary files left behind: {stray:?}");
         for (dir, disk, state) in &self.goldens {
             let golden = Golden::load(dir).unwrap().expect("golden still there");
             assert_eq!(&golden.record.disk_sha256, disk);
