@@ -235,6 +235,13 @@ fn progress(o: &Opened) -> Result<(Vec<Entry>, Progress), u8> {
     })
 }
 
+/// The plan and its journal, locked for appending, with the journal verified and replayed.
+fn open_for_writing(dir: &Path) -> Result<(Opened, Progress), u8> {
+    let o = open(dir, true)?;
+    let (_, progress) = progress(&o)?;
+    Ok((o, progress))
+}
+
 fn append(o: &mut Opened, progress: &mut Progress, mut entry: Entry) -> Result<(), u8> {
     entry.prev_sha256 = journal::chain_head(&o.plan_bytes, &o.journal_bytes);
     // The same rules as a reader's replay: what is appended always replays.
@@ -251,12 +258,8 @@ fn append(o: &mut Opened, progress: &mut Progress, mut entry: Entry) -> Result<(
 
 fn next(dir: &Path, wait: bool) -> u8 {
     loop {
-        let mut o = match open(dir, true) {
-            Ok(o) => o,
-            Err(code) => return code,
-        };
-        let (_, mut progress) = match progress(&o) {
-            Ok(p) => p,
+        let (mut o, mut progress) = match open_for_writing(dir) {
+            Ok(opened) => opened,
             Err(code) => return code,
         };
         let now = now();
@@ -297,12 +300,8 @@ fn record(dir: &Path, host: &str, status: RecordStatus, log: Option<&Path>) -> u
         Some(Ok(d)) => Some(d),
         None => None,
     };
-    let mut o = match open(dir, true) {
-        Ok(o) => o,
-        Err(code) => return code,
-    };
-    let (_, mut progress) = match progress(&o) {
-        Ok(p) => p,
+    let (mut o, mut progress) = match open_for_writing(dir) {
+        Ok(opened) => opened,
         Err(code) => return code,
     };
     let wave = match journal::check_record(&o.plan, &progress, host) {
