@@ -177,7 +177,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli, bars: Option<indicatif::MultiProgress>) -> u8 {
     match cli.command {
-        Command::Lab { command: LabCommand::Check { lab } } => match patchlab::lab::Lab::load(&lab) {
+        Command::Lab { command: LabCommand::Check { lab } } => match patchlab::lab::Lab::load(&lab).and_then(|lab| {
+            // The inventory is input too: check it now rather than when a run starts.
+            lab.inventory.as_deref().map(patchlab::inventory::Inventory::load).transpose()?;
+            Ok(lab)
+        }) {
             Ok(lab) => {
                 println!("{}: ok: {} platforms × {} patches = {} cells, {} checks", lab.path.display(), lab.platforms.len(), lab.patches.len(), lab.platforms.len() * lab.patches.len(), lab.checks.len());
                 0
