@@ -30,6 +30,8 @@ fn the_default_lab_passes_through_the_cli() {
         for condition in ["baseline", "delivery", "install", "operations", "removal"] {
             assert_eq!(r["conditions"][condition]["status"], "pass", "{condition} of {}", r["platform"]);
         }
+        let rounds = r["conditions"]["operations"]["burn_in"].as_array().map(Vec::len).unwrap_or(0);
+        assert!(rounds >= 2, "the lab's 6 s burn-in repeated the checks every 3 s: {rounds} rounds");
         let delivered = &r["conditions"]["delivery"]["delivered"][0];
         assert_eq!(delivered["guest_sha256"], delivered["host_sha256"]);
     }
