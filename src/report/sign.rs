@@ -157,51 +157,41 @@ struct AllowedSigner {
     key: PublicKey,
 }
 
-/// Splits on whitespace, keeping double-quoted stretches (which may hold spaces) together.
-fn tokens(line: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                cur.push(c);
-            }
-            c if c.is_whitespace() && !quoted => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if quoted {
-        return Err("unterminated quote".into());
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    Ok(out)
-}
-
-/// Splits `a,b="x,y",c` on commas outside quotes.
-fn split_options(s: &str) -> Vec<String> {
+/// Splits `s` where `is_sep` holds outside double quotes (quotes are kept). `keep_empty` keeps the
+/// empty pieces between adjacent separators; without it runs of separators count as one.
+fn split_outside_quotes(s: &str, is_sep: impl Fn(char) -> bool, keep_empty: bool) -> (Vec<String>, bool) {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
     for c in s.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                cur.push(c);
+        if c == '"' {
+            quoted = !quoted;
+            cur.push(c);
+        } else if is_sep(c) && !quoted {
+            if keep_empty || !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
             }
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
+        } else {
+            cur.push(c);
         }
     }
-    out.push(cur);
-    out
+    if keep_empty || !cur.is_empty() {
+        out.push(cur);
+    }
+    (out, quoted)
+}
+
+/// Splits on whitespace, keeping double-quoted stretches (which may hold spaces) together.
+fn tokens(line: &str) -> Result<Vec<String>, String> {
+    match split_outside_quotes(line, char::is_whitespace, false) {
+        (_, true) => Err("unterminated quote".into()),
+        (out, false) => Ok(out),
+    }
+}
+
+/// Splits `a,b="x,y",c` on commas outside quotes.
+fn split_options(s: &str) -> Vec<String> {
+    split_outside_quotes(s, |c| c == ',', true).0
 }
 
 fn unquote(s: &str) -> &str {
