@@ -54,7 +54,9 @@ enum Command {
         #[arg(long, env = "PATCHLAB_CONNECT", default_value = "qemu:///system")]
         connect: String,
         /// Spread the cells over these libvirt URIs, round-robin (repeatable; overrides the lab's
-        /// `hosts` and --connect). Every URI must reach a libvirtd on this machine for now.
+        /// `hosts` and --connect). A URI that names a host (qemu+tcp://HOST/system,
+        /// qemu+ssh://USER@HOST/system) is used through libvirt's storage pool and stream APIs
+        /// only; see docs/lab-format.md, "Remote hosts".
         #[arg(long = "host", value_name = "URI")]
         hosts: Vec<String>,
         /// Accelerator: auto probes KVM and falls back to TCG.
@@ -128,6 +130,8 @@ enum Command {
     /// patchlab's metadata), clone directories and state copies, run locks, and interrupted golden
     /// preparations and image builds whose lock is free.
     Clean {
+        /// libvirt URI of the host to clean; on a remote host (one the URI names), this machine's
+        /// clone volumes and domains in its `patchlab` pool.
         #[arg(long, env = "PATCHLAB_CONNECT", default_value = "qemu:///system")]
         connect: String,
         /// Also remove golden states and images not used for --older-than days (only while no run is alive).
@@ -201,7 +205,7 @@ fn run(cli: Cli, bars: Option<indicatif::MultiProgress>) -> u8 {
                 3
             }
         },
-        Command::Clean { connect, cache, older_than } => match patchlab::hypervisor::libvirt::LibvirtHost::connect(&connect, Dirs::new(cli.cache_dir.clone())).and_then(|h| h.reap()) {
+        Command::Clean { connect, cache, older_than } => match patchlab::hypervisor::reap_host(&connect, &Dirs::new(cli.cache_dir.clone())) {
             Ok(mut reaped) => {
                 let opts = patchlab::hypervisor::clean::CleanOptions { unused_for: cache.then(|| std::time::Duration::from_secs(older_than.saturating_mul(86_400))) };
                 let files = patchlab::hypervisor::clean::clean_files(&Dirs::new(cli.cache_dir), &opts);

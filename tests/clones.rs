@@ -21,7 +21,7 @@ fn two_clones_of_one_golden_state_run_side_by_side_and_leave_nothing_behind() {
         let handles: Vec<_> = names.iter().map(|n| s.spawn(|| host.restore_clone(&golden, &run_id, n, &[80]).expect("restore clone"))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_ne!(clones[0].host_port(80), clones[1].host_port(80), "each clone forwards its own host port");
+    assert_ne!(clones[0].forwarded(80), clones[1].forwarded(80), "each clone forwards its own host port");
 
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
     std::thread::scope(|s| {
@@ -37,7 +37,7 @@ fn two_clones_of_one_golden_state_run_side_by_side_and_leave_nothing_behind() {
                 let digest = agent.push_file(payload, "/var/tmp/payload.bin").expect("push with digest check");
                 assert_eq!(digest, patchlab::guest::Output::capture(payload, 0).sha256);
                 assert_eq!(agent.read_file("/var/tmp/payload.bin", 1 << 20).unwrap(), *payload);
-                let port = clone.host_port(80).unwrap();
+                let port = clone.forwarded(80).unwrap();
                 assert_eq!(common::http_status(port), 200, "nginx answers through the clone's forwarded port");
             });
         }

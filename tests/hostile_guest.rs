@@ -221,7 +221,7 @@ fn a_clone_cannot_connect_out() {
         let accepted = listener.accept().is_ok();
         assert!(reached.is_empty() && !accepted, "the clone reached {reached:?} (host listener saw a connection: {accepted})");
         // Inward, through the forwarded port, the clone still answers.
-        assert_eq!(common::http_status(clone.host_port(80).unwrap()), 200);
+        assert_eq!(common::http_status(clone.forwarded(80).unwrap()), 200);
     }
     use patchlab::hypervisor::Machine;
     clone.teardown().unwrap();

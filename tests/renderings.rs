@@ -112,7 +112,7 @@ pub fn mixed_report() -> Report {
         verdict: Verdict::Fail,
         lab: LabRef { name: "release-2025-01".into(), file: "labs/release.toml".into(), sha256: digest('1') },
         patchlab: Tool { version: "0.1.0".into(), commit: "0123456789ab".into() },
-        hosts: vec![HostRef { uri: "qemu:///system".into(), accel: "tcg".into(), accel_reason: "KVM probe did not finish in 20 s".into() }],
+        hosts: vec![HostRef { uri: "qemu:///system".into(), accel: "tcg".into(), accel_reason: "KVM probe did not finish in 20 s".into(), golden_states: vec![] }],
         started_at: "2025-01-01T00:00:00Z".into(),
         finished_at: "2025-01-01T00:12:34Z".into(),
         platforms: vec![platform("debian-12", "12"), platform("debian-13", "13")],

@@ -449,10 +449,10 @@ impl Machine for ProbedMachine {
     fn agent_channel(&self) -> &dyn AgentChannel {
         &self.channel
     }
-    fn host_port(&self, guest_port: u16) -> Option<u16> {
-        self.inner.host_port(guest_port)
+    fn forwarded(&self, guest_port: u16) -> Option<std::net::SocketAddr> {
+        self.inner.forwarded(guest_port)
     }
-    fn console_log(&self) -> Option<&Path> {
+    fn console_log(&self) -> Option<Vec<u8>> {
         self.inner.console_log()
     }
     fn teardown(&mut self) -> Result<(), HypervisorError> {

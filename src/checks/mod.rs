@@ -22,7 +22,8 @@ pub struct CheckResult {
 /// Where checks reach the machine from.
 pub struct Target<'a> {
     pub agent: &'a Agent<'a>,
-    pub host_port: &'a dyn Fn(u16) -> Option<u16>,
+    /// Where a forwarded guest port is reached from this process.
+    pub forwarded: &'a dyn Fn(u16) -> Option<std::net::SocketAddr>,
     pub runtime: &'a tokio::runtime::Handle,
 }
 
@@ -49,13 +50,12 @@ pub fn run(check: &Check, target: &Target<'_>) -> Result<CheckResult, AgentError
 fn attempt(check: &Check, target: &Target<'_>) -> Result<Result<String, String>, AgentError> {
     match &check.kind {
         CheckKind::Http { port, path, status, body_contains } => {
-            let Some(host_port) = (target.host_port)(*port) else { return Ok(Err(format!("guest port {port} is not forwarded"))) };
-            let url = format!("http://127.0.0.1:{host_port}{path}");
+            let Some(addr) = (target.forwarded)(*port) else { return Ok(Err(format!("guest port {port} is not forwarded"))) };
+            let url = format!("http://{addr}{path}");
             Ok(target.runtime.block_on(http(&url, check.timeout, *status, body_contains.as_deref())))
         }
         CheckKind::Tcp { port } => {
-            let Some(host_port) = (target.host_port)(*port) else { return Ok(Err(format!("guest port {port} is not forwarded"))) };
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
+            let Some(addr) = (target.forwarded)(*port) else { return Ok(Err(format!("guest port {port} is not forwarded"))) };
             Ok(match std::net::TcpStream::connect_timeout(&addr, check.timeout) {
                 Ok(_) => Ok(format!("guest port {port} accepted a connection")),
                 Err(e) => Err(format!("guest port {port}: {e}")),

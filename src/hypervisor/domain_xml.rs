@@ -14,7 +14,7 @@ pub struct Identity {
     pub uuid: String,
     pub disk: PathBuf,
     pub console: PathBuf,
-    /// (host port on 127.0.0.1, guest port), in the same order for golden and clone.
+    /// (host port, guest port), in the same order for golden and clone.
     pub ports: Vec<(u16, u16)>,
 }
 
@@ -50,8 +50,8 @@ pub fn metadata_element(run_id: &str, role: &str) -> String {
 const NETDEV: &str = "user,id=plnet0,restrict=on";
 const NET_DEVICE: &str = "virtio-net-pci,netdev=plnet0,bus=pci.0,addr=0x10";
 
-fn netdev_arg(ports: &[(u16, u16)]) -> String {
-    let forwards: String = ports.iter().map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}")).collect();
+fn netdev_arg(bind: std::net::IpAddr, ports: &[(u16, u16)]) -> String {
+    let forwards: String = ports.iter().map(|(host, guest)| format!(",hostfwd=tcp:{bind}:{host}-:{guest}")).collect();
     format!("{NETDEV}{forwards}")
 }
 
@@ -95,7 +95,7 @@ pub fn boot_xml(spec: &BootSpec, run_id: &str, role: &str) -> String {
   </qemu:commandline>
 </domain>
 ",
-        netdev = netdev_arg(&id.ports),
+        netdev = netdev_arg(LOOPBACK, &id.ports),
         accel = spec.accel.domain_type(),
         name = esc(&id.name),
         uuid = esc(&id.uuid),
@@ -134,6 +134,15 @@ fn replace_checked(xml: &str, what: &'static str, from: &str, to: &str, exactly_
 /// Only values patchlab chose itself are replaced, each by exact match, so device addresses and
 /// everything else QEMU's migration stream depends on stay as libvirt wrote them.
 pub fn clone_xml(saved: &str, golden: &Identity, clone: &Identity, run_id: &str) -> Result<String, RewriteError> {
+    clone_xml_bound(saved, golden, clone, run_id, LOOPBACK)
+}
+
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// [`clone_xml`] with the clone's forwarded ports bound to `bind` on the host running it: a
+/// remote host's loopback address is out of the checks' reach, so they connect to the address
+/// the host's URI names (see `remote`).
+pub fn clone_xml_bound(saved: &str, golden: &Identity, clone: &Identity, run_id: &str, bind: std::net::IpAddr) -> Result<String, RewriteError> {
     let mut xml = replace_checked(saved, "the golden uuid", &format!("<uuid>{}</uuid>", golden.uuid), &format!("<uuid>{}</uuid>", clone.uuid), true)?;
     xml = replace_checked(&xml, "the golden disk", &format!("<source file='{}'", path(&golden.disk)), &format!("<source file='{}'", path(&clone.disk)), true)?;
     xml = replace_checked(&xml, "the golden console", &format!("'{}'", path(&golden.console)), &format!("'{}'", path(&clone.console)), false)?;
@@ -143,7 +152,7 @@ pub fn clone_xml(saved: &str, golden: &Identity, clone: &Identity, run_id: &str)
         return Err(RewriteError { what: "no forwarded ports in", needle: "the golden".into(), found: golden.ports.len(), expected: "0" });
     }
     let golden_netdev = format!("<qemu:arg value='{NETDEV}'/>");
-    xml = replace_checked(&xml, "the user-mode netdev", &golden_netdev, &format!("<qemu:arg value='{}'/>", netdev_arg(&clone.ports)), true)?;
+    xml = replace_checked(&xml, "the user-mode netdev", &golden_netdev, &format!("<qemu:arg value='{}'/>", netdev_arg(bind, &clone.ports)), true)?;
     // The name also appears in paths libvirt derived from it (channel sockets): replace them all,
     // last, so the exact replacements above see the paths patchlab recorded.
     xml = replace_checked(&xml, "the golden name", &format!("<name>{}</name>", esc(&golden.name)), &format!("<name>{}</name>", esc(&clone.name)), true)?;

@@ -31,10 +31,7 @@ pub struct LibvirtHost {
 
 impl LibvirtHost {
     pub fn connect(uri: &str, dirs: Dirs) -> Result<LibvirtHost, HypervisorError> {
-        // Without this libvirt prints every error, expected ones included, on stderr.
-        QUIET.call_once(virt::error::clear_error_callback);
-        let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Connect { uri: uri.into(), message: e.message().to_string() })?;
-        Ok(LibvirtHost { uri: uri.into(), conn, dirs })
+        Ok(LibvirtHost { uri: uri.into(), conn: open_connection(uri)?, dirs })
     }
 
     pub fn lookup(&self, name: &str) -> Option<Domain> {
@@ -106,7 +103,6 @@ impl LibvirtHost {
 
     #[allow(clippy::too_many_arguments)]
     fn boot_and_save(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
-        let started = Instant::now();
         let disk = dir.join("disk.qcow2");
         create_overlay(&boot.backing, &disk)?;
         let identity = Identity {
@@ -118,19 +114,8 @@ impl LibvirtHost {
         };
         let spec = BootSpec { identity: identity.clone(), accel, memory_mib: boot.memory_mib, vcpus: boot.vcpus, kernel: boot.kernel.clone() };
         let xml = domain_xml::boot_xml(&spec, run_id, "golden");
-        tracing::info!(platform, accel = accel.as_str(), "booting golden state (first use of this image; cached afterwards)");
-        let domain = self.conn.create_domain_xml(&xml, 0).map_err(HypervisorError::libvirt(format!("start golden domain {}", identity.name)))?;
-        let guard = DestroyOnDrop(Some(domain.clone()));
-        let channel = DomainChannel(domain.clone());
-        let agent = Agent::new(&channel, cancel.clone());
-        let agent_err = |e: AgentError| HypervisorError::Golden { platform: platform.into(), reason: format!("{e} (console log: {})", identity.console.display()) };
-        agent.wait_ready(BOOT_DEADLINE).map_err(agent_err)?;
-        agent.wait_booted(&boot.services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
-        agent.run_ok("/bin/sh", &["-c", super::golden::WARM_UP], Duration::from_secs(300)).map_err(agent_err)?;
-        let boot_ms = started.elapsed().as_millis() as u64;
         let state = dir.join("state.save");
-        save_running(&domain, &state)?;
-        std::mem::forget(guard); // a saved transient domain no longer exists
+        let boot_ms = boot_warm_and_save(&self.conn, platform, &xml, &identity, &boot.services, &state, cancel)?;
         for file in [&disk, &state] {
             make_read_only(file)?;
         }
@@ -219,11 +204,29 @@ impl LibvirtHost {
         Ok(reaped)
     }
 
+    /// This machine's cores and available memory, under libvirt's name for it.
+    pub fn facts(&self) -> Result<super::HostFacts, HypervisorError> {
+        let hostname = self.conn.hostname().map_err(HypervisorError::libvirt("read the host name"))?;
+        Ok(super::HostFacts { hostname, cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), free_mib: super::local_available_mib() })
+    }
+
     /// Names of every `patchlab-` domain on the host, running or defined.
     pub fn patchlab_domains(&self) -> Result<Vec<String>, HypervisorError> {
         let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
         Ok(domains.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(NAME_PREFIX)).collect())
     }
+}
+
+/// This machine's host name as libvirt reports it.
+pub(super) fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+/// Opens a connection to libvirt at `uri`, with libvirt's own printing of errors switched off.
+pub(super) fn open_connection(uri: &str) -> Result<Connect, HypervisorError> {
+    // Without this libvirt prints every error, expected ones included, on stderr.
+    QUIET.call_once(virt::error::clear_error_callback);
+    Connect::open(Some(uri)).map_err(|e| HypervisorError::Connect { uri: uri.into(), message: e.message().to_string() })
 }
 
 /// What patchlab needs from a snapshot's domain definition to boot its disk state again.
@@ -289,14 +292,14 @@ struct BootPlan {
 
 /// The run id in patchlab's metadata element as libvirt returns it: libvirt drops the prefix the
 /// element was written with (`<instance><run>ID</run>...`), so match on local names.
-fn metadata_run(xml: &str) -> Option<String> {
+pub(super) fn metadata_run(xml: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let run = doc.descendants().find(|n| n.is_element() && n.tag_name().name() == "run")?.text()?.trim().to_string();
     (!run.is_empty()).then_some(run)
 }
 
 
-fn golden_key(parts: &[&str]) -> String {
+pub(super) fn golden_key(parts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(GOLDEN_FORMAT.to_le_bytes());
@@ -305,6 +308,26 @@ fn golden_key(parts: &[&str]) -> String {
         h.update([0]);
     }
     hex::encode(h.finalize())[..16].to_string()
+}
+
+/// Boots the golden domain `xml`, waits until the guest is up and its services run, warms it
+/// (see [`super::golden::WARM_UP`]) and saves it running to `state`, a path on the libvirt host.
+/// Returns the milliseconds from start to warm.
+pub(super) fn boot_warm_and_save(conn: &Connect, platform: &str, xml: &str, identity: &Identity, services: &[String], state: &Path, cancel: &CancellationToken) -> Result<u64, HypervisorError> {
+    let started = Instant::now();
+    tracing::info!(platform, domain = identity.name, "booting golden state (first use of this image on this host; cached afterwards)");
+    let domain = conn.create_domain_xml(xml, 0).map_err(HypervisorError::libvirt(format!("start golden domain {}", identity.name)))?;
+    let guard = DestroyOnDrop(Some(domain.clone()));
+    let channel = DomainChannel(domain.clone());
+    let agent = Agent::new(&channel, cancel.clone());
+    let agent_err = |e: AgentError| HypervisorError::Golden { platform: platform.into(), reason: format!("{e} (console log: {})", identity.console.display()) };
+    agent.wait_ready(BOOT_DEADLINE).map_err(agent_err)?;
+    agent.wait_booted(services, BOOT_DEADLINE.saturating_sub(started.elapsed())).map_err(agent_err)?;
+    agent.run_ok("/bin/sh", &["-c", super::golden::WARM_UP], Duration::from_secs(300)).map_err(agent_err)?;
+    let boot_ms = started.elapsed().as_millis() as u64;
+    save_running(&domain, state)?;
+    std::mem::forget(guard); // a saved transient domain no longer exists
+    Ok(boot_ms)
 }
 
 fn save_running(domain: &Domain, to: &Path) -> Result<(), HypervisorError> {
@@ -385,12 +408,12 @@ impl Machine for LibvirtClone {
         self.channel.as_ref().expect("a restored clone has a channel")
     }
 
-    fn host_port(&self, guest_port: u16) -> Option<u16> {
-        self.ports.iter().find(|(_, g)| *g == guest_port).map(|(h, _)| *h)
+    fn forwarded(&self, guest_port: u16) -> Option<std::net::SocketAddr> {
+        self.ports.iter().find(|(_, g)| *g == guest_port).map(|(h, _)| std::net::SocketAddr::from(([127, 0, 0, 1], *h)))
     }
 
-    fn console_log(&self) -> Option<&Path> {
-        Some(&self.console)
+    fn console_log(&self) -> Option<Vec<u8>> {
+        std::fs::read(&self.console).ok()
     }
 
     fn teardown(&mut self) -> Result<(), HypervisorError> {

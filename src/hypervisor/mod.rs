@@ -6,6 +6,7 @@ pub mod clean;
 pub mod domain_xml;
 pub mod golden;
 pub mod libvirt;
+pub mod remote;
 pub mod runlock;
 pub mod saveimage;
 
@@ -90,13 +91,35 @@ impl HypervisorError {
     }
 }
 
+/// What bounds how many clones a host holds at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// libvirt's name for the host: URIs that reach the same host share its budget.
+    pub hostname: String,
+    pub cpus: usize,
+    pub free_mib: u64,
+}
+
+/// Memory this machine can still give without swapping (`MemAvailable`, which counts the page
+/// cache QEMU's memory can displace; libvirt's free memory does not).
+pub fn local_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())).map(|kib| kib / 1024).unwrap_or(2048)
+}
+
+/// Removes the leftovers of dead runs on the host at `uri`: local or remote (see `remote`).
+pub fn reap_host(uri: &str, dirs: &Dirs) -> Result<Vec<String>, HypervisorError> {
+    if remote::is_remote(uri) { remote::PoolHost::connect(uri, dirs.clone())?.reap() } else { libvirt::LibvirtHost::connect(uri, dirs.clone())?.reap() }
+}
+
 /// One running throwaway machine, owned by one cell. Dropping it tears it down.
 pub trait Machine: Send + Sync {
     fn name(&self) -> &str;
     fn agent_channel(&self) -> &dyn AgentChannel;
-    /// The 127.0.0.1 port on the host forwarded to `guest_port`, if it is forwarded.
-    fn host_port(&self, guest_port: u16) -> Option<u16>;
-    fn console_log(&self) -> Option<&Path>;
+    /// Where the checks reach `guest_port` from this process, if it is forwarded: a port on
+    /// 127.0.0.1 for a local host, on the address its URI names for a remote one.
+    fn forwarded(&self, guest_port: u16) -> Option<std::net::SocketAddr>;
+    /// The serial console's output so far, kept as evidence; `None` when there is none.
+    fn console_log(&self) -> Option<Vec<u8>>;
     /// Destroys the machine and removes its files. Idempotent.
     fn teardown(&mut self) -> Result<(), HypervisorError>;
 }

@@ -58,6 +58,36 @@ pub fn read_header(path: &Path) -> Result<SaveHeader, SaveImageError> {
     parse_header(&head, &mut file, &name)
 }
 
+/// Parses a header from the first bytes of a save image (at least the header and its XML area),
+/// as read from a remote host's volume.
+pub fn parse_header_bytes(bytes: &[u8], name: &str) -> Result<SaveHeader, SaveImageError> {
+    let head: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or_else(|| SaveImageError::Corrupt { path: name.into(), reason: format!("shorter than the {HEADER_LEN}-byte header") })?;
+    parse_header(head, &mut &bytes[HEADER_LEN..], name)
+}
+
+/// Bytes of the header and XML area [`parse_header_bytes`] needs, read from a header's first
+/// [`HEADER_LEN`] bytes: a remote state is read in two small downloads.
+pub fn area_len(head: &[u8]) -> Option<u64> {
+    (head.len() >= HEADER_LEN && &head[..16] == MAGIC).then(|| HEADER_LEN as u64 + u32_at(head, 1) as u64)
+}
+
+/// Encodes a header for `xml` that fills exactly the golden's header and XML area, so it can be
+/// written over a copy of the golden state in place and the migration stream keeps its offset.
+/// The area libvirt writes is padded (by at least 1 KiB), which is the room a clone's longer
+/// names and paths may take.
+pub fn encode_header_in_place(golden: &SaveHeader, xml: &str) -> Result<Vec<u8>, SaveImageError> {
+    let area = golden.stream_offset as usize;
+    let mut out = encode_header(golden, xml);
+    let used = HEADER_LEN + xml.len() + 1 + golden.cookie.as_ref().map_or(0, |c| c.len() + 1);
+    if used > area {
+        return Err(SaveImageError::Corrupt { path: "clone state".into(), reason: format!("the clone's XML needs {used} bytes; the golden's XML area holds {area}") });
+    }
+    out.resize(area, 0);
+    let data_len = (area - HEADER_LEN) as u32;
+    out[16 + 4..16 + 8].copy_from_slice(&data_len.to_ne_bytes());
+    Ok(out)
+}
+
 fn parse_header(head: &[u8; HEADER_LEN], rest: &mut impl Read, name: &str) -> Result<SaveHeader, SaveImageError> {
     if &head[..16] != MAGIC {
         return Err(SaveImageError::BadMagic { path: name.to_string() });
@@ -151,6 +181,22 @@ mod tests {
         let bytes = encode_header(header, xml);
         let head: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
         parse_header(&head, &mut &bytes[HEADER_LEN..], "test").unwrap()
+    }
+
+    #[test]
+    fn an_in_place_header_fills_the_golden_area_exactly() {
+        for cookie in [None, Some(&b"<qemu-migration/>"[..])] {
+            let mut g = golden(cookie);
+            g.stream_offset = 4096;
+            let bytes = encode_header_in_place(&g, "<domain><name>a-longer-clone-name</name></domain>").unwrap();
+            assert_eq!(bytes.len(), 4096);
+            assert_eq!(area_len(&bytes), Some(4096));
+            let back = parse_header_bytes(&bytes, "t").unwrap();
+            assert_eq!((back.xml.as_str(), back.cookie.clone(), back.stream_offset), ("<domain><name>a-longer-clone-name</name></domain>", g.cookie.clone(), 4096));
+            let too_long = "x".repeat(4096);
+            assert!(encode_header_in_place(&g, &too_long).unwrap_err().to_string().contains("holds 4096"));
+        }
+        assert_eq!(area_len(b"short"), None);
     }
 
     #[test]

@@ -113,6 +113,18 @@ pub struct HostRef {
     pub uri: String,
     pub accel: String,
     pub accel_reason: String,
+    /// The golden state each platform was cloned from on this host, when it is not the one
+    /// `platforms` names: a remote host boots and saves its own (see docs/lab-format.md, `hosts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden_states: Vec<GoldenStateRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenStateRef {
+    pub platform: String,
+    pub golden_disk_sha256: String,
+    pub golden_state_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

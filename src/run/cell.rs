@@ -59,7 +59,7 @@ pub fn run_cell_observed(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_
         let t = Instant::now();
         on_phase("teardown");
         if let Some(console) = m.console_log() {
-            if let Some(e) = keep_evidence(console, evidence_dir, &format!("{}-{}-console.log", plan.platform, plan.patch.name)) {
+            if let Some(e) = keep_evidence(&console, evidence_dir, &format!("{}-{}-console.log", plan.platform, plan.patch.name)) {
                 evidence.push(e);
             }
         }
@@ -102,8 +102,8 @@ const REBOOT_DEADLINE: Duration = Duration::from_secs(600);
 
 #[allow(clippy::too_many_arguments)]
 fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent<'_>, runtime: &tokio::runtime::Handle, cancel: &CancellationToken, c: &mut Conditions, phases: &mut Vec<Phase>, on_phase: &dyn Fn(&str)) -> Result<(), Broke> {
-    let port = |g: u16| m.host_port(g);
-    let target = checks::Target { agent, host_port: &port, runtime };
+    let forwarded = |g: u16| m.forwarded(g);
+    let target = checks::Target { agent, forwarded: &forwarded, runtime };
     let run_checks = |names: Option<&[String]>| -> Result<Vec<CheckResult>, Broke> {
         lab.checks.iter().filter(|ch| names.is_none_or(|n| n.contains(&ch.name))).map(|ch| checks::run(ch, &target).map_err(Broke::from)).collect()
     };
@@ -256,13 +256,12 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
 }
 
 /// Copies a file into the evidence directory; the report binds it by sha256.
-fn keep_evidence(src: &Path, dir: &Path, name: &str) -> Option<EvidenceRef> {
+fn keep_evidence(data: &[u8], dir: &Path, name: &str) -> Option<EvidenceRef> {
     use sha2::{Digest, Sha256};
-    let data = std::fs::read(src).ok()?;
     std::fs::create_dir_all(dir).ok()?;
     std::fs::write(dir.join(name), &data).ok()?;
     let rel = format!("{}/{name}", dir.file_name()?.to_string_lossy());
-    Some(EvidenceRef { path: rel, sha256: hex::encode(Sha256::digest(&data)), bytes: data.len() as u64 })
+    Some(EvidenceRef { path: rel, sha256: hex::encode(Sha256::digest(data)), bytes: data.len() as u64 })
 }
 
 #[cfg(test)]
@@ -286,10 +285,10 @@ mod tests {
         fn agent_channel(&self) -> &dyn crate::guest::AgentChannel {
             &*self.guest
         }
-        fn host_port(&self, _: u16) -> Option<u16> {
+        fn forwarded(&self, _: u16) -> Option<std::net::SocketAddr> {
             None
         }
-        fn console_log(&self) -> Option<&Path> {
+        fn console_log(&self) -> Option<Vec<u8>> {
             None
         }
         fn teardown(&mut self) -> Result<(), HypervisorError> {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hypervisor::golden::{Golden, GoldenOrigin};
 use crate::hypervisor::libvirt::LibvirtHost;
+use crate::hypervisor::remote::{self, PoolGolden, PoolHost};
 use crate::hypervisor::runlock::RunLock;
 use crate::hypervisor::{AccelChoice, CloneSource, Dirs, HypervisorError, Machine, accel};
 use crate::lab::{Lab, PlatformSource};
@@ -61,15 +62,25 @@ pub enum RunError {
 
 /// Clones restored from this run's golden states on one libvirt host.
 struct HostClones {
-    host: LibvirtHost,
-    goldens: HashMap<String, Golden>,
+    uri: String,
+    goldens: HostGoldens,
     run_id: String,
+}
+
+/// A host's golden states: in this machine's cache directory for a local libvirtd, in the host's
+/// storage pool for a remote one.
+enum HostGoldens {
+    Local(LibvirtHost, HashMap<String, Golden>),
+    Remote(PoolHost, HashMap<String, PoolGolden>),
 }
 
 impl CloneSource for HostClones {
     fn clone_machine(&self, platform: &str, clone_name: &str, guest_ports: &[u16]) -> Result<Box<dyn Machine>, HypervisorError> {
-        let golden = self.goldens.get(platform).ok_or_else(|| HypervisorError::Golden { platform: platform.into(), reason: "no golden state prepared".into() })?;
-        Ok(Box::new(self.host.restore_clone(golden, &self.run_id, clone_name, guest_ports)?))
+        let missing = || HypervisorError::Golden { platform: platform.into(), reason: format!("no golden state prepared on {}", self.uri) };
+        Ok(match &self.goldens {
+            HostGoldens::Local(host, goldens) => Box::new(host.restore_clone(goldens.get(platform).ok_or_else(missing)?, &self.run_id, clone_name, guest_ports)?),
+            HostGoldens::Remote(host, goldens) => Box::new(host.restore_clone(goldens.get(platform).ok_or_else(missing)?, &self.run_id, clone_name, guest_ports)?),
+        })
     }
 }
 
@@ -78,12 +89,28 @@ fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     move |source| RunError::Io { action, source }
 }
 
-/// Default parallelism: one cell per core, and never more clones than free memory holds.
-fn default_jobs(memory_mib: u32) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let free_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())).map(|kib| kib / 1024).unwrap_or(2048);
-    let per_clone = memory_mib as u64 + 256;
-    cores.min((free_mib / per_clone).max(1) as usize).max(1)
+/// How many clones a host holds at once: one per core, and never more than its free memory holds
+/// (each clone's memory plus 256 MiB for QEMU itself); at least one.
+pub fn host_slots(cpus: usize, free_mib: u64, clone_memory_mib: u32) -> usize {
+    let per_clone = clone_memory_mib as u64 + 256;
+    cpus.min((free_mib / per_clone) as usize).max(1)
+}
+
+/// Cells at once on each host, shared by the URIs that reach the same host (same libvirt host
+/// name: `qemu:///system` and `qemu+tcp://127.0.0.1/system` on one machine hold one budget).
+fn host_budgets(facts: &[crate::hypervisor::HostFacts], clone_memory_mib: u32) -> Vec<Arc<tokio::sync::Semaphore>> {
+    let mut by_name: Vec<(String, Arc<tokio::sync::Semaphore>)> = Vec::new();
+    facts
+        .iter()
+        .map(|f| match by_name.iter().find(|(n, _)| *n == f.hostname) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let s = Arc::new(tokio::sync::Semaphore::new(host_slots(f.cpus, f.free_mib, clone_memory_mib)));
+                by_name.push((f.hostname.clone(), s.clone()));
+                s
+            }
+        })
+        .collect()
 }
 
 pub async fn run_lab(lab: &Lab, opts: &RunOptions, cancel: CancellationToken) -> Result<Report, RunError> {
@@ -138,7 +165,7 @@ fn broken_run_report(lab: &Lab, opts: &RunOptions, started_at: jiff::Timestamp) 
         verdict: verdict::run_verdict(false, &[], report::Status::Skipped),
         lab: LabRef { name: lab.name.clone(), file: lab.path.display().to_string(), sha256: lab.sha256.clone() },
         patchlab: Tool { version: env!("CARGO_PKG_VERSION").into(), commit: env!("PATCHLAB_GIT_COMMIT").into() },
-        hosts: vec![HostRef { uri: opts.uri.clone(), accel: String::new(), accel_reason: "the run broke before choosing one".into() }],
+        hosts: vec![HostRef { uri: opts.uri.clone(), accel: String::new(), accel_reason: "the run broke before choosing one".into(), golden_states: vec![] }],
         started_at: started_at.to_string(),
         finished_at: jiff::Timestamp::now().to_string(),
         platforms: vec![],
@@ -185,31 +212,41 @@ async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: Cancellati
     let patches: Vec<PreparedPatch> = tokio::task::spawn_blocking(move || patches_in.iter().map(|p| patch::prepare(p, &out_dir)).collect::<Result<_, _>>()).await.expect("prepare task")?;
 
     // Images and golden states on every host, one host after the other: hosts reached through the
-    // same local libvirtd share the golden states in the cache directory (the first prepares them).
+    // same local libvirtd share the golden states in the cache directory (the first prepares them);
+    // a remote host has its own, which its entry in `hosts` names.
     let uris = host_uris(lab, opts);
     let mut sources = Vec::new();
     let mut host_refs = Vec::new();
     let mut platform_refs = Vec::new();
     let mut memory = 512;
+    let mut facts = Vec::new();
     for uri in &uris {
-        let (host, refs, goldens, accel_decision) = {
+        let prepared = {
             let lab = lab.clone();
             let dirs = dirs.clone();
             let uri = uri.clone();
             let accel_choice = opts.accel;
             let session_id = session_id.clone();
             let cancel = cancel.clone();
-            tokio::task::spawn_blocking(move || prepare_platforms(&lab, &dirs, &uri, accel_choice, &session_id, &cancel)).await.expect("platform task")?
+            tokio::task::spawn_blocking(move || prepare_host(&lab, &dirs, &uri, accel_choice, &session_id, &cancel)).await.expect("platform task")?
+        };
+        let PreparedHost { goldens, refs, decision, memory_mib } = prepared;
+        let golden_states = if platform_refs.is_empty() || refs == platform_refs {
+            vec![]
+        } else {
+            refs.iter().map(|r| report::GoldenStateRef { platform: r.name.clone(), golden_disk_sha256: r.golden_disk_sha256.clone(), golden_state_sha256: r.golden_state_sha256.clone() }).collect()
         };
         if platform_refs.is_empty() {
             platform_refs = refs;
-        } else if platform_refs != refs {
-            return Err(RunError::Platform { platform: "*".into(), reason: format!("host {uri} prepared other golden states than {}; one report names one golden state per platform, so all hosts must share them", uris[0]) });
         }
-        memory = goldens.values().map(|g| g.record.memory_mib).max().unwrap_or(512).max(memory);
-        tracing::info!(host = uri, accel = accel_decision.accel.as_str(), reason = %accel_decision.reason, "host prepared");
-        host_refs.push(HostRef { uri: uri.clone(), accel: accel_decision.accel.as_str().into(), accel_reason: accel_decision.reason.clone() });
-        sources.push(Arc::new(HostClones { host, goldens, run_id: session_id.clone() }));
+        memory = memory.max(memory_mib);
+        tracing::info!(host = uri, accel = decision.accel.as_str(), reason = %decision.reason, "host prepared");
+        host_refs.push(HostRef { uri: uri.clone(), accel: decision.accel.as_str().into(), accel_reason: decision.reason.clone(), golden_states });
+        facts.push(match &goldens {
+            HostGoldens::Local(host, _) => host.facts(),
+            HostGoldens::Remote(host, _) => host.facts(),
+        }?);
+        sources.push(Arc::new(HostClones { uri: uri.clone(), goldens, run_id: session_id.clone() }));
     }
     let patch_refs: Vec<PatchRef> = patches
         .iter()
@@ -230,8 +267,13 @@ async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: Cancellati
     };
     journal.append(&journal::Entry::Prepared(prepared))?;
 
-    let jobs = opts.jobs.unwrap_or_else(|| default_jobs(memory)).max(1);
-    tracing::info!(jobs, hosts = uris.len(), "running cells");
+    // Two bounds: what each host holds, and `--jobs` over all hosts together.
+    let budgets = host_budgets(&facts, memory);
+    let jobs = opts.jobs.unwrap_or(usize::MAX >> 4).max(1);
+    for (uri, f) in uris.iter().zip(&facts) {
+        tracing::info!(host = uri, hostname = f.hostname, cpus = f.cpus, free_mib = f.free_mib, slots = host_slots(f.cpus, f.free_mib, memory), "host capacity");
+    }
+    tracing::info!(jobs = opts.jobs, hosts = uris.len(), "running cells");
 
     let earlier_cells: Vec<CellResult> = earlier.map(|s| s.cells).unwrap_or_default();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(jobs));
@@ -253,9 +295,13 @@ async fn run_lab_observed_inner(lab: &Lab, opts: &RunOptions, cancel: Cancellati
             let clone_name = format!("patchlab-{}-{index}", &session_id);
             // Round-robin by the cell's place in the lab, so a resumed run keeps each cell's host.
             let source = sources[(index - 1) % sources.len()].clone();
-            let host_uri = source.host.uri.clone();
+            let budget = budgets[(index - 1) % sources.len()].clone();
+            let host_uri = source.uri.clone();
             let permit = tokio::select! {
-                permit = semaphore.clone().acquire_owned() => permit.expect("semaphore open"),
+                permits = async { (semaphore.clone().acquire_owned().await, budget.acquire_owned().await) } => match permits {
+                    (Ok(total), Ok(host)) => (total, host),
+                    _ => unreachable!("the semaphores are never closed"),
+                },
                 _ = cancel.cancelled() => break 'cells,
             };
             if cancel.is_cancelled() {
@@ -375,81 +421,156 @@ fn check_same_preparation(first: &journal::Prepared, now: &journal::Prepared) ->
             None => return Err(RunError::Resume(format!("platform `{}` is gone from the lab", p.name))),
         }
     }
+    for h in &first.hosts {
+        if let Some(n) = now.hosts.iter().find(|n| n.uri == h.uri) {
+            if n.golden_states != h.golden_states {
+                return Err(RunError::Resume(format!("host {}: its golden states are not the ones the run began with; start a new run", h.uri)));
+            }
+        }
+    }
     if first.patches != now.patches {
         return Err(RunError::Resume("the patch files built now differ from those the run began with (sha256); start a new run".into()));
     }
     Ok(())
 }
 
-type Prepared = (LibvirtHost, Vec<PlatformRef>, HashMap<String, Golden>, accel::AccelDecision);
+/// One host, ready for cells: its golden states and what the report says about them.
+struct PreparedHost {
+    goldens: HostGoldens,
+    refs: Vec<PlatformRef>,
+    decision: accel::AccelDecision,
+    memory_mib: u32,
+}
 
-fn prepare_platforms(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run_id: &str, cancel: &CancellationToken) -> Result<Prepared, RunError> {
-    let host = LibvirtHost::connect(uri, dirs.clone())?;
-    let reaped = host.reap()?;
-    if !reaped.is_empty() {
-        tracing::warn!(?reaped, "removed leftovers of runs that are no longer alive");
-    }
+fn prepare_host(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run_id: &str, cancel: &CancellationToken) -> Result<PreparedHost, RunError> {
     let mut images = Vec::new();
     for platform in &lab.platforms {
         if let PlatformSource::Image(recipe) = &platform.source {
             images.push((platform.name.clone(), crate::image::ensure_built(recipe, &dirs.root)?));
         }
     }
-    // The probe needs a kernel; a lab of user domains only has theirs, so it then asks for TCG
-    // unless KVM was chosen explicitly.
-    let decision = match images.first() {
-        Some((_, image)) => accel::decide_cached(choice, "qemu-system-x86_64", &image.kernel, &dirs.root),
-        None => accel::decide(if choice == AccelChoice::Auto { AccelChoice::Tcg } else { choice }, "qemu-system-x86_64", Path::new("")),
-    }
-    .map_err(HypervisorError::from)?;
-    tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
-    // Golden states boot in parallel, like cells: cold boots are the slowest step of a first run.
-    let goldens: Vec<(String, Result<Golden, HypervisorError>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = lab
-            .platforms
-            .iter()
-            .map(|platform| {
-                let (host, images, decision) = (&host, &images, &decision);
-                let handle = s.spawn(move || match &platform.source {
-                    PlatformSource::Image(_) => {
-                        let image = &images.iter().find(|(n, _)| *n == platform.name).expect("built above").1;
-                        host.golden_from_image(&platform.name, image, decision.accel, run_id, cancel)
-                    }
-                    PlatformSource::DomainSnapshot { domain, snapshot } => host.golden_from_snapshot(&platform.name, domain, snapshot, decision.accel, run_id, cancel),
-                });
-                (platform.name.clone(), handle)
-            })
-            .collect();
-        handles.into_iter().map(|(name, h)| (name, h.join().expect("golden thread"))).collect()
-    });
     // `patchlab clean --cache` removes only what no run used lately.
     for (_, image) in &images {
         crate::hypervisor::clean::mark_used(&image.dir);
     }
+    let image_of = |name: &str| images.iter().find(|(n, _)| n == name).map(|(_, i)| i);
+    let (goldens, records) = if remote::is_remote(uri) {
+        let host = PoolHost::connect(uri, dirs.clone())?;
+        let reaped = host.reap()?;
+        if !reaped.is_empty() {
+            tracing::warn!(host = uri, ?reaped, "removed leftovers of runs that are no longer alive");
+        }
+        if let Some(p) = lab.platforms.iter().find(|p| matches!(p.source, PlatformSource::DomainSnapshot { .. })) {
+            return Err(RunError::Platform { platform: p.name.clone(), reason: format!("it comes from a libvirt domain's snapshot, which patchlab exports with qemu-img on the machine it runs on; it cannot be used on the remote host {uri}: run it on a local URI (qemu:///system)") });
+        }
+        let decision = host.decide_accel(choice, images.first().map(|(_, i)| i))?;
+        tracing::info!(host = uri, accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
+        let prepared: Vec<(String, Result<PoolGolden, HypervisorError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = lab.platforms.iter().map(|p| (p.name.clone(), s.spawn(|| host.golden_from_image(&p.name, image_of(&p.name).expect("image platforms only"), decision.accel, run_id, cancel)))).collect();
+            handles.into_iter().map(|(name, h)| (name, h.join().expect("golden thread"))).collect()
+        });
+        let mut map = HashMap::new();
+        let mut records = Vec::new();
+        for (name, golden) in prepared {
+            let golden = golden?;
+            // A golden state whose volumes changed on the host would make every clone of it suspect.
+            host.verify_digests(&golden)?;
+            records.push((name.clone(), golden.record.clone()));
+            map.insert(name, golden);
+        }
+        ((HostGoldens::Remote(host, map), decision), records)
+    } else {
+        let host = LibvirtHost::connect(uri, dirs.clone())?;
+        let reaped = host.reap()?;
+        if !reaped.is_empty() {
+            tracing::warn!(?reaped, "removed leftovers of runs that are no longer alive");
+        }
+        // The probe needs a kernel; a lab of user domains only has theirs, so it then asks for TCG
+        // unless KVM was chosen explicitly.
+        let decision = match images.first() {
+            Some((_, image)) => accel::decide_cached(choice, "qemu-system-x86_64", &image.kernel, &dirs.root),
+            None => accel::decide(if choice == AccelChoice::Auto { AccelChoice::Tcg } else { choice }, "qemu-system-x86_64", Path::new("")),
+        }
+        .map_err(HypervisorError::from)?;
+        tracing::info!(accel = decision.accel.as_str(), reason = %decision.reason, "accelerator chosen");
+        // Golden states boot in parallel, like cells: cold boots are the slowest step of a first run.
+        let prepared: Vec<(String, Result<Golden, HypervisorError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = lab
+                .platforms
+                .iter()
+                .map(|platform| {
+                    let (host, decision) = (&host, &decision);
+                    let handle = s.spawn(move || match &platform.source {
+                        PlatformSource::Image(_) => host.golden_from_image(&platform.name, image_of(&platform.name).expect("built above"), decision.accel, run_id, cancel),
+                        PlatformSource::DomainSnapshot { domain, snapshot } => host.golden_from_snapshot(&platform.name, domain, snapshot, decision.accel, run_id, cancel),
+                    });
+                    (platform.name.clone(), handle)
+                })
+                .collect();
+            handles.into_iter().map(|(name, h)| (name, h.join().expect("golden thread"))).collect()
+        });
+        let mut map = HashMap::new();
+        let mut records = Vec::new();
+        for (name, golden) in prepared {
+            let golden = golden?;
+            crate::hypervisor::clean::mark_used(&golden.dir);
+            // A golden state whose files changed on disk would make every clone of it suspect.
+            golden.verify_digests()?;
+            records.push((name.clone(), golden.record.clone()));
+            map.insert(name, golden);
+        }
+        ((HostGoldens::Local(host, map), decision), records)
+    };
+    let (goldens, decision) = goldens;
     let mut refs = Vec::new();
-    let mut map = HashMap::new();
-    for (name, golden) in goldens {
-        let platform = lab.platforms.iter().find(|p| p.name == name).expect("lab platform");
-        let recipe_identity = images.iter().find(|(n, _)| *n == name).map(|(_, i)| (i.recipe.os.clone(), i.recipe.version.clone(), i.recipe.arch.clone()));
+    for (name, record) in &records {
+        let platform = lab.platforms.iter().find(|p| &p.name == name).expect("lab platform");
+        let recipe_identity = image_of(name).map(|i| (i.recipe.os.clone(), i.recipe.version.clone(), i.recipe.arch.clone()));
         let (os, version, arch) = match platform.identity.clone().or(recipe_identity) {
             Some((os, version, arch)) => (Some(os), Some(version), Some(arch)),
             None => (None, None, None),
         };
-        let golden = golden?;
-        crate::hypervisor::clean::mark_used(&golden.dir);
-        // A golden state whose files changed on disk would make every clone of it suspect.
-        golden.verify_digests()?;
-        let (origin, recipe_digest, image_sha) = match &golden.record.origin {
+        let (origin, recipe_digest, image_sha) = match &record.origin {
             GoldenOrigin::Image { recipe, recipe_digest, image_disk_sha256 } => (format!("image:{recipe}"), Some(recipe_digest.clone()), Some(image_disk_sha256.clone())),
             GoldenOrigin::DomainSnapshot { domain, snapshot } => (format!("domain:{domain}/{snapshot}"), None, None),
         };
-        refs.push(PlatformRef { name: name.clone(), origin, os, version, arch, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: golden.record.disk_sha256.clone(), golden_state_sha256: golden.record.state_sha256.clone() });
-        map.insert(name, golden);
+        refs.push(PlatformRef { name: name.clone(), origin, os, version, arch, image_recipe_digest: recipe_digest, image_disk_sha256: image_sha, golden_disk_sha256: record.disk_sha256.clone(), golden_state_sha256: record.state_sha256.clone() });
     }
-    Ok((host, refs, map, decision))
+    let memory_mib = records.iter().map(|(_, r)| r.memory_mib).max().unwrap_or(512);
+    Ok(PreparedHost { goldens, refs, decision, memory_mib })
 }
 
 /// The default output directory of a run: `patchlab-runs/<lab>-<UTC time>`.
 pub fn default_out_dir(lab: &Lab) -> PathBuf {
     Path::new("patchlab-runs").join(format!("{}-{}", lab.name, jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ")))
+}
+
+#[cfg(test)]
+mod scheduler_tests {
+    use super::*;
+    use crate::hypervisor::HostFacts;
+
+    #[test]
+    fn a_host_holds_one_clone_per_core_within_its_free_memory() {
+        // (cpus, free MiB, clone memory MiB) -> slots
+        for (cpus, free, mem, slots) in [
+            (2, 24_000, 512, 2),   // this project's machines: the cores bound
+            (32, 4_096, 512, 5),   // a big host short of memory: 4096 / (512 + 256)
+            (8, 100, 512, 1),      // never zero: the cell waits for nothing, it runs alone
+            (1, 1_000_000, 4096, 1),
+            (16, 24_000, 2048, 10),
+        ] {
+            assert_eq!(host_slots(cpus, free, mem), slots, "{cpus} cpus, {free} MiB free, {mem} MiB clones");
+        }
+    }
+
+    #[test]
+    fn uris_that_reach_the_same_host_share_one_budget() {
+        let fact = |name: &str, cpus| HostFacts { hostname: name.into(), cpus, free_mib: 64_000 };
+        let facts = [fact("vm", 2), fact("vm", 2), fact("lab-1", 8), fact("vm", 2)];
+        let budgets = host_budgets(&facts, 512);
+        assert!(Arc::ptr_eq(&budgets[0], &budgets[1]) && Arc::ptr_eq(&budgets[0], &budgets[3]));
+        assert!(!Arc::ptr_eq(&budgets[0], &budgets[2]));
+        assert_eq!((budgets[0].available_permits(), budgets[2].available_permits()), (2, 8));
+    }
 }

@@ -80,20 +80,78 @@ fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
+/// libvirtd's configuration when xtask starts it: the stock settings plus a TCP listener on the
+/// loopback address only, without authentication, so the fleet test can reach the same daemon as
+/// `qemu+tcp://127.0.0.1/system`, a second transport that goes through libvirt's remote protocol.
+/// Anyone with a local account can use that socket as root: this is a lab machine's setting.
+pub const LIBVIRTD_CONF: &str = "/etc/libvirt/patchlab-libvirtd.conf";
+pub const LIBVIRTD_TCP: &str = "127.0.0.1:16509";
+
+fn libvirtd_conf() -> String {
+    let stock = std::fs::read_to_string("/etc/libvirt/libvirtd.conf").unwrap_or_default();
+    format!("{stock}\n# Added by patchlab's xtask (xtask/src/setup.rs): TCP on the loopback address only.\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = \"127.0.0.1\"\nauth_tcp = \"none\"\n")
+}
+
+fn tcp_listening() -> bool {
+    std::net::TcpStream::connect_timeout(&LIBVIRTD_TCP.parse().expect("address"), Duration::from_secs(1)).is_ok()
+}
+
 /// Starts virtlogd and libvirtd: with systemd when it runs the machine, directly otherwise.
+/// libvirtd also listens on TCP at 127.0.0.1 (see [`LIBVIRTD_CONF`]); a libvirtd running without
+/// that listener is restarted with it (its running domains survive a restart).
 pub fn daemons() -> Result<(), String> {
     let systemd = Path::new("/run/systemd/system").exists();
     for (daemon, socket) in [("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")] {
-        if running(daemon) && Path::new(socket).exists() {
+        let is_libvirtd = daemon == "libvirtd";
+        if running(daemon) && Path::new(socket).exists() && (!is_libvirtd || tcp_listening()) {
             continue;
         }
-        step(&format!("starting {daemon}"));
         if systemd {
+            step(&format!("starting {daemon}"));
+            if is_libvirtd {
+                // libvirtd-tcp.socket owns the listener under systemd; auth_tcp comes from libvirtd.conf.
+                std::fs::write("/etc/libvirt/libvirtd.conf", libvirtd_conf()).map_err(|e| format!("write /etc/libvirt/libvirtd.conf: {e}"))?;
+                run_ok(Command::new("systemctl").args(["start", "libvirtd-tcp.socket"]))?;
+            }
             run_ok(Command::new("systemctl").args(["start", daemon]))?;
+        } else if is_libvirtd {
+            if running(daemon) {
+                step("restarting libvirtd with a TCP listener on 127.0.0.1");
+                stop("libvirtd")?;
+            } else {
+                step("starting libvirtd");
+            }
+            std::fs::write(LIBVIRTD_CONF, libvirtd_conf()).map_err(|e| format!("write {LIBVIRTD_CONF}: {e}"))?;
+            run_ok(Command::new(daemon).args(["-d", "--listen", "-f", LIBVIRTD_CONF]))?;
         } else {
+            step(&format!("starting {daemon}"));
             run_ok(Command::new(daemon).arg("-d"))?;
         }
         wait_for(socket, Duration::from_secs(30))?;
+        if is_libvirtd {
+            let started = Instant::now();
+            while !tcp_listening() {
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("libvirtd does not listen on {LIBVIRTD_TCP}; see {LIBVIRTD_CONF}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stops a daemon started without systemd and waits until it is gone.
+fn stop(comm: &str) -> Result<(), String> {
+    let pids: Vec<String> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // The shell's own `kill`: procps may not be installed.
+    run_ok(Command::new("sh").args(["-c", &format!("kill -TERM {}", pids.join(" "))]))?;
+    let started = Instant::now();
+    while running(comm) {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{comm} did not stop within 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }
