@@ -365,3 +365,40 @@ fn every_invalid_inventory_is_refused_with_where_and_what() {
     }
     assert_eq!(Inventory::load(Path::new(INVENTORY)).unwrap().hosts.len(), 13);
 }
+
+#[test]
+fn with_allowed_signers_only_a_plan_whose_signature_verifies_is_acted_on() {
+    let f = signed(&good_report());
+    let signers = f.allowed_signers.clone();
+    let trusted = |cmd: &str, dir: &Path| patchlab(&[os("rollout"), os(cmd), dir.as_os_str(), os("--allowed-signers"), signers.as_os_str(), os("--identity"), os("release@example.org")]);
+
+    // Signed and intact: next and status go ahead and say whose signature they checked.
+    let dir = f.dir.path().join("signed");
+    let key = f.key.display().to_string();
+    assert_eq!(plan_cmd(&f, INVENTORY, &dir, &["--burn-time", "0s", "--key", &key]).code, 0);
+    let o = trusted("status", &dir);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stderr.contains("plan.json.sig verified: signed by release@example.org (SHA256:"), "{o:?}");
+    let o = trusted("next", &dir);
+    assert_eq!(o.code, 0, "{o:?}");
+
+    // Edited after signing (one host moved between waves): refused, nothing appended.
+    let plan = dir.join("plan.json");
+    let journal_before = std::fs::read(dir.join("journal.jsonl")).unwrap();
+    let text = std::fs::read_to_string(&plan).unwrap();
+    std::fs::write(&plan, text.replacen("cache-02", "cache-0X", 1)).unwrap();
+    for cmd in ["next", "status"] {
+        let o = trusted(cmd, &dir);
+        assert_eq!(o.code, 1, "{cmd}: {o:?}");
+        assert!(o.stdout.contains("refused: the plan's signature does not verify"), "{cmd}: {o:?}");
+    }
+    assert_eq!(std::fs::read(dir.join("journal.jsonl")).unwrap(), journal_before);
+
+    // Unsigned: refused when a signature is required, accepted without --allowed-signers.
+    let dir = f.dir.path().join("unsigned");
+    assert_eq!(plan_cmd(&f, INVENTORY, &dir, &["--burn-time", "0s"]).code, 0);
+    let o = trusted("next", &dir);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stdout.contains("has no signature") && o.stdout.contains("plan.json.sig is missing"), "{o:?}");
+    assert_eq!(next(&dir).code, 0);
+}

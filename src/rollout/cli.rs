@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use clap::{Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use jiff::{SignedDuration, Timestamp};
 
 use super::journal::{self, Decision, Entry, EntryStatus, Progress};
@@ -20,6 +20,18 @@ const ROLLOUT_EXIT_CODES: &str = "Exit codes:
   0  done (plan written, hosts printed, entry recorded, status shown)
   1  refused or not yet: the reason is printed
   2  usage or invalid input (unreadable or invalid file, unknown option)";
+
+/// Whose signature on plan.json to require before acting on it.
+#[derive(Debug, Clone, Args)]
+pub struct PlanTrust {
+    /// Refuse the plan unless plan.json.sig verifies against this OpenSSH allowed_signers file
+    /// (as `plan` signed it with --key). Without it the signature is not checked.
+    #[arg(long, env = "PATCHLAB_ALLOWED_SIGNERS")]
+    allowed_signers: Option<PathBuf>,
+    /// With --allowed-signers: require the plan's signer to be listed under this identity.
+    #[arg(long, requires = "allowed_signers")]
+    identity: Option<String>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RecordStatus {
@@ -73,6 +85,8 @@ pub enum RolloutCommand {
     #[command(after_help = ROLLOUT_EXIT_CODES)]
     Next {
         plan_dir: PathBuf,
+        #[command(flatten)]
+        trust: PlanTrust,
         /// While the previous wave is burning in, sleep until it has, instead of exiting 1.
         #[arg(long)]
         wait: bool,
@@ -81,6 +95,8 @@ pub enum RolloutCommand {
     #[command(after_help = ROLLOUT_EXIT_CODES)]
     Record {
         plan_dir: PathBuf,
+        #[command(flatten)]
+        trust: PlanTrust,
         #[arg(long)]
         host: String,
         #[arg(long, value_enum)]
@@ -93,6 +109,8 @@ pub enum RolloutCommand {
     #[command(after_help = ROLLOUT_EXIT_CODES)]
     Status {
         plan_dir: PathBuf,
+        #[command(flatten)]
+        trust: PlanTrust,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -104,9 +122,9 @@ pub fn run(command: RolloutCommand) -> u8 {
             let opts = PlanOptions { pilot_percent: pilot, burn_time_ms: ms(burn_time), critical_burn_time_ms: ms(critical_burn_time) };
             plan(&report, &allowed_signers, identity.as_deref(), &inventory, &out, &opts, max_age, key.as_deref())
         }
-        RolloutCommand::Next { plan_dir, wait } => next(&plan_dir, wait),
-        RolloutCommand::Record { plan_dir, host, status, log } => record(&plan_dir, &host, status, log.as_deref()),
-        RolloutCommand::Status { plan_dir, format } => show_status(&plan_dir, format),
+        RolloutCommand::Next { plan_dir, trust, wait } => next(&plan_dir, &trust, wait),
+        RolloutCommand::Record { plan_dir, trust, host, status, log } => record(&plan_dir, &trust, &host, status, log.as_deref()),
+        RolloutCommand::Status { plan_dir, trust, format } => show_status(&plan_dir, &trust, format),
     }
 }
 
@@ -210,9 +228,24 @@ struct Opened {
     journal_bytes: Vec<u8>,
 }
 
-fn open(dir: &Path, exclusive: bool) -> Result<Opened, u8> {
+fn open(dir: &Path, exclusive: bool, trust: &PlanTrust) -> Result<Opened, u8> {
     let plan_path = dir.join(PLAN_FILE);
     let plan_bytes = fs::read(&plan_path).map_err(|e| usage(format!("failed to read the plan {}: {e}", plan_path.display())))?;
+    if let Some(signers_path) = &trust.allowed_signers {
+        let signers = fs::read_to_string(signers_path).map_err(|e| usage(format!("failed to read allowed signers {}: {e}", signers_path.display())))?;
+        let sig_path = sign::signature_path(&plan_path);
+        let Ok(sig) = fs::read_to_string(&sig_path) else {
+            println!("refused: {} has no signature ({} is missing) and --allowed-signers asks for one", plan_path.display(), sig_path.display());
+            return Err(1);
+        };
+        match sign::verify_signature(&plan_bytes, &sig, &signers, trust.identity.as_deref()) {
+            Ok(signer) => eprintln!("plan.json.sig verified: signed by {} ({})", signer.identity, signer.fingerprint),
+            Err(e) => {
+                println!("refused: the plan's signature does not verify: {e}");
+                return Err(1);
+            }
+        }
+    }
     let plan: Plan = serde_json::from_slice(&plan_bytes).map_err(|e| usage(format!("{}: not a rollout plan: {e}", plan_path.display())))?;
     if plan.schema_version != PLAN_SCHEMA_VERSION {
         return Err(usage(format!("{}: unknown schema_version {} (this patchlab reads {PLAN_SCHEMA_VERSION})", plan_path.display(), plan.schema_version)));
@@ -236,8 +269,8 @@ fn progress(o: &Opened) -> Result<(Vec<Entry>, Progress), u8> {
 }
 
 /// The plan and its journal, locked for appending, with the journal verified and replayed.
-fn open_for_writing(dir: &Path) -> Result<(Opened, Progress), u8> {
-    let o = open(dir, true)?;
+fn open_for_writing(dir: &Path, trust: &PlanTrust) -> Result<(Opened, Progress), u8> {
+    let o = open(dir, true, trust)?;
     let (_, progress) = progress(&o)?;
     Ok((o, progress))
 }
@@ -256,9 +289,9 @@ fn append(o: &mut Opened, progress: &mut Progress, mut entry: Entry) -> Result<(
     Ok(())
 }
 
-fn next(dir: &Path, wait: bool) -> u8 {
+fn next(dir: &Path, trust: &PlanTrust, wait: bool) -> u8 {
     loop {
-        let (mut o, mut progress) = match open_for_writing(dir) {
+        let (mut o, mut progress) = match open_for_writing(dir, trust) {
             Ok(opened) => opened,
             Err(code) => return code,
         };
@@ -294,13 +327,13 @@ fn next(dir: &Path, wait: bool) -> u8 {
     }
 }
 
-fn record(dir: &Path, host: &str, status: RecordStatus, log: Option<&Path>) -> u8 {
+fn record(dir: &Path, trust: &PlanTrust, host: &str, status: RecordStatus, log: Option<&Path>) -> u8 {
     let log_sha256 = match log.map(sign::sha256_file) {
         Some(Err(e)) => return usage(format!("failed to read log {}: {e}", log.unwrap().display())),
         Some(Ok(d)) => Some(d),
         None => None,
     };
-    let (mut o, mut progress) = match open_for_writing(dir) {
+    let (mut o, mut progress) = match open_for_writing(dir, trust) {
         Ok(opened) => opened,
         Err(code) => return code,
     };
@@ -332,8 +365,8 @@ fn record(dir: &Path, host: &str, status: RecordStatus, log: Option<&Path>) -> u
     0
 }
 
-fn show_status(dir: &Path, format: Format) -> u8 {
-    let o = match open(dir, false) {
+fn show_status(dir: &Path, trust: &PlanTrust, format: Format) -> u8 {
+    let o = match open(dir, false, trust) {
         Ok(o) => o,
         Err(code) => return code,
     };
