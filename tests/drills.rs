@@ -365,6 +365,67 @@ fn bad_usage_exits_2_and_a_missing_libvirtd_is_one_clear_sentence() {
     assert_eq!((report["complete"].as_bool(), report["verdict"].as_str()), (Some(false), Some("error")));
 }
 
+/// Missing prerequisites, each one `error:` line saying what to do, exit 3 and an incomplete report:
+/// QEMU not on PATH, and `--accel kvm` without a usable /dev/kvm (hidden from the run by a private
+/// mount namespace whose /dev is an empty tmpfs: the KVM of this machine stays untouched).
+#[test]
+fn no_qemu_and_no_usable_kvm_are_one_clear_sentence_each() {
+    let Some(host) = common::host() else { return };
+    patchlab::image::ensure_built(&common::root().join("images/debian-12.toml"), &host.dirs.root).expect("image builds");
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write_lab(dir.path(), &[("noop", "true", "true")], "");
+    let empty_path = dir.path().join("empty-path");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    let run = |name: &str, wrap: &[&str], path: Option<&Path>, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut cmd = Command::new(wrap.first().copied().unwrap_or(env!("CARGO_BIN_EXE_patchlab")));
+        if !wrap.is_empty() {
+            cmd.args(&wrap[1..]).arg(env!("CARGO_BIN_EXE_patchlab"));
+        }
+        cmd.arg("run").arg(&lab).arg("--out").arg(&out).args(["--ci"]).args(extra).env("NO_COLOR", "1").env("TMPDIR", common::cli_tmpdir(dir.path())).stdin(Stdio::null());
+        if let Some(path) = path {
+            cmd.env("PATH", path);
+        }
+        let t = Instant::now();
+        let output = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        eprintln!("{name}: {:?}, exit {:?}\n{stderr}", t.elapsed(), output.status.code());
+        (output.status.code(), stderr, out)
+    };
+    let one_error_line = |stderr: &str| -> String {
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        lines[0].to_string()
+    };
+    let incomplete = |out: &Path| {
+        let report = common::read_json(&out.join("report.json"));
+        assert_eq!((report["complete"].as_bool(), report["verdict"].as_str()), (Some(false), Some("error")));
+        assert!(report["results"].as_array().unwrap().is_empty());
+    };
+
+    // No QEMU on PATH.
+    let (code, stderr, out) = run("no-qemu", &[], Some(&empty_path), &[]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(one_error_line(&stderr), "error: failed to find QEMU: `qemu-system-x86_64` is not on PATH; install Debian's qemu-system-x86 package (`cargo xtask setup` does) or put its directory on PATH");
+    incomplete(&out);
+
+    // --accel kvm without /dev/kvm.
+    let hide_dev = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o mode=755 patchlab-drill-dev /dev && mknod -m 666 /dev/null c 1 3 && exec \"$@\"", "sh"];
+    let (code, stderr, out) = run("no-kvm", &hide_dev, None, &["--accel", "kvm"]);
+    if code != Some(3) && stderr.contains("unshare") {
+        eprintln!("SKIPPED the /dev/kvm part: no private mount namespace here ({stderr}); the sentence is unit-tested in hypervisor::accel");
+    } else {
+        assert_eq!(code, Some(3), "{stderr}");
+        assert_eq!(
+            one_error_line(&stderr),
+            "error: failed to use KVM (--accel kvm): /dev/kvm cannot be opened (No such file or directory (os error 2)): the kvm module is not loaded (`modprobe kvm_intel` or `modprobe kvm_amd`) or this machine has no hardware virtualization, or pass --accel tcg to emulate without it"
+        );
+        incomplete(&out);
+    }
+    common::assert_tmpdir_empty(&dir.path().join("cli-tmp"));
+    assert!(Path::new("/dev/kvm").exists() == Path::new("/sys/module/kvm").exists(), "the machine's /dev was not touched");
+}
+
 /// libvirtd is restarted mid-run. This stops the host's daemon for every user of the machine,
 /// so it only runs when asked for: PATCHLAB_DRILL_RESTART_LIBVIRTD=1 (on a dedicated CI machine).
 #[test]

@@ -47,6 +47,28 @@ pub fn run(check: &Check, target: &Target<'_>) -> Result<CheckResult, AgentError
     }
 }
 
+/// How long a forwarded connection must stay open to count as accepted by the guest.
+const TCP_SETTLE: Duration = Duration::from_millis(750);
+
+/// Connects to a forwarded guest port. QEMU's user-mode networking accepts the host's connection
+/// itself, before it knows whether the guest will: when nothing listens in the guest, the
+/// connection is accepted and then closed at once. So a connection counts only if the guest
+/// sends data or it stays open for [`TCP_SETTLE`] (services that wait for the client to speak).
+fn tcp_probe(addr: std::net::SocketAddr, port: u16, timeout: Duration) -> Result<String, String> {
+    use std::io::Read;
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("guest port {port}: {e}"))?;
+    let settle = TCP_SETTLE.min(timeout.saturating_sub(started.elapsed())).max(Duration::from_millis(100));
+    stream.set_read_timeout(Some(settle)).map_err(|e| format!("guest port {port}: {e}"))?;
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => Err(format!("guest port {port}: the connection was closed at once (nothing listens in the guest)")),
+        Ok(_) => Ok(format!("guest port {port} accepted a connection and spoke first")),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(format!("guest port {port} accepted a connection (open after {} ms)", settle.as_millis())),
+        Err(e) => Err(format!("guest port {port}: {e}")),
+    }
+}
+
 fn attempt(check: &Check, target: &Target<'_>) -> Result<Result<String, String>, AgentError> {
     match &check.kind {
         CheckKind::Http { port, path, status, body_contains } => {
@@ -56,10 +78,7 @@ fn attempt(check: &Check, target: &Target<'_>) -> Result<Result<String, String>,
         }
         CheckKind::Tcp { port } => {
             let Some(addr) = (target.forwarded)(*port) else { return Ok(Err(format!("guest port {port} is not forwarded"))) };
-            Ok(match std::net::TcpStream::connect_timeout(&addr, check.timeout) {
-                Ok(_) => Ok(format!("guest port {port} accepted a connection")),
-                Err(e) => Err(format!("guest port {port}: {e}")),
-            })
+            Ok(tcp_probe(addr, *port, check.timeout))
         }
         CheckKind::Command { argv, exit_code, stdout_contains } => {
             let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
@@ -95,4 +114,45 @@ async fn http(url: &str, timeout: Duration, want_status: u16, body_contains: Opt
         }
     }
     Ok(format!("GET {url}: status {status}"))
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A listener on 127.0.0.1 that treats each connection as `serve` says, like a guest behind
+    /// QEMU's user-mode networking would (closed at once when nothing listens in the guest).
+    fn server(serve: fn(std::net::TcpStream)) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                serve(stream);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_connection_counts_only_if_the_guest_keeps_it_or_speaks() {
+        let t = Duration::from_secs(5);
+        let closed = server(drop);
+        let e = tcp_probe(closed, 81, t).unwrap_err();
+        assert!(e.contains("closed at once"), "{e}");
+        let silent = server(|s| {
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        assert!(tcp_probe(silent, 80, t).unwrap().contains("open after"));
+        let banner = server(|mut s| {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH\r\n");
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        assert!(tcp_probe(banner, 22, t).unwrap().contains("spoke first"));
+        let nobody = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(tcp_probe(nobody, 9, t).is_err());
+    }
 }
