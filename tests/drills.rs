@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// A script patch: name, install script, remove script.
 type ScriptPatch<'a> = (&'a str, &'a str, &'a str);
@@ -45,6 +46,7 @@ struct Run {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// Runs `patchlab run LAB --out OUT EXTRA...` with its own TMPDIR, [`cli_tmp`] of `out`.
 fn spawn(lab: &Path, out: &Path, extra: &[&str]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_patchlab"))
         .args(["run"])
@@ -53,6 +55,7 @@ fn spawn(lab: &Path, out: &Path, extra: &[&str]) -> Run {
         .arg(out)
         .args(extra)
         .env("NO_COLOR", "1")
+        .env("TMPDIR", common::cli_tmpdir(out.parent().unwrap()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -84,6 +87,32 @@ impl Run {
         }
     }
 
+    /// Like [`Run::wait`], also returning the peak resident memory of the `patchlab` process (and of
+    /// the children it waited for), in bytes, from wait4(2).
+    fn wait_measured(self, deadline: Duration) -> (i32, String, u64) {
+        let pid = self.child.id() as libc::pid_t;
+        let t = Instant::now();
+        loop {
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 on our own child's pid, with valid pointers to locals.
+            let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if reaped == pid {
+                std::thread::sleep(Duration::from_millis(200)); // let the reader drain
+                let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+                return (code, self.log.lock().unwrap().join("\n"), usage.ru_maxrss as u64 * 1024);
+            }
+            assert!(reaped == 0, "wait4: {}", std::io::Error::last_os_error());
+            if t.elapsed() > deadline {
+                let mut child = self.child;
+                let _ = child.kill();
+                panic!("patchlab run did not end within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn wait(mut self, deadline: Duration) -> (i32, String) {
         let t = Instant::now();
         loop {
@@ -98,6 +127,11 @@ impl Run {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// The TMPDIR [`spawn`] gives the run writing into `out`: the leak check requires it empty.
+fn cli_tmp(out: &Path) -> PathBuf {
+    out.parent().unwrap().join("cli-tmp")
 }
 
 /// `key=value` or `key="value"` in a log line.
@@ -160,8 +194,6 @@ fn misbehaving_patches_and_a_killed_qemu_are_contained() {
         dir.path(),
         &[
             ("hangs", "echo installing; exec sleep 100000", "true"),
-            // Far more than qemu-ga captures (16 MiB) and libvirt carries (about 4 MiB per reply).
-            ("floods", "head -c 64M /dev/zero | tr '\\0' y; echo done >&2", "true"),
             // Fills the guest's disk (root's reserved blocks too), then exits 0: the harness must
             // keep working on a full disk, and the disk check fails.
             ("fills-disk", "i=0; for s in 256M 16M 1M 64K 4K; do while fallocate -l $s /var/tmp/fill.$i 2>/dev/null; do i=$((i+1)); done; done; df /var/tmp; exit 0", "rm -f /var/tmp/fill.*"),
@@ -187,20 +219,13 @@ fn misbehaving_patches_and_a_killed_qemu_are_contained() {
     }
     assert!(!log.contains("panicked"), "the harness panicked:\n{log}");
     assert_eq!(report["complete"], true, "every cell finished: {report:#}");
-    assert_eq!(report["results"].as_array().unwrap().len(), 5);
+    assert_eq!(report["results"].as_array().unwrap().len(), 4);
 
     // A hanging install meets its deadline: the patch's fault.
     let hangs = cell(&report, "hangs");
     assert_eq!(hangs["verdict"], "fail");
     assert_eq!(statuses(hangs)[2], "fail");
     assert!(hangs["conditions"]["install"]["reason"].as_str().unwrap().contains("did not finish within 20s"), "{hangs:#}");
-    // A flood of output: bounded capture with the digest and length of what the agent returned.
-    let floods = cell(&report, "floods");
-    assert_ne!(floods["verdict"], "pass", "300 MB of output cannot be captured whole: {floods:#}");
-    if let Some(cmd) = floods["conditions"]["install"]["commands"].as_array().and_then(|c| c.first()) {
-        assert!(cmd["stdout"]["text"].as_str().unwrap().len() <= 64 * 1024);
-        assert_eq!(cmd["stdout"]["truncated"], true);
-    }
     // A full disk: a condition fails (the disk check), the harness does not break.
     let fills = cell(&report, "fills-disk");
     assert_eq!(fills["verdict"], "fail", "{fills:#}");
@@ -213,7 +238,67 @@ fn misbehaving_patches_and_a_killed_qemu_are_contained() {
         assert!(c["error"].as_str().is_some_and(|e| e.contains("guest agent")), "{patch}: {c:#}");
     }
     assert_eq!(code, 1, "a failed patch outweighs errors (exit 1)");
-    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).assert_clean();
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).with_tmpdir(&cli_tmp(&out)).assert_clean();
+}
+
+/// A patch whose install prints 300 MiB on stdout and whose removal prints 20 MiB on stderr: far
+/// more than qemu-ga captures (16 MiB) and libvirt carries (about 4 MiB per reply).
+#[test]
+fn a_flood_of_output_is_kept_bounded_with_the_digest_of_all_of_it() {
+    let Some(host) = common::host() else { return };
+    let setup = patchlab::hypervisor::runlock::new_run_id();
+    let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    const FLOOD: u64 = 300 << 20;
+    let lab = write_lab(
+        dir.path(),
+        &[("floods", "head -c 300M /dev/zero | tr '\\0' y; echo; echo PATCHLAB-FLOOD-END; echo flood-done >&2; exit 0", "head -c 20M /dev/zero | tr '\\0' e >&2; exit 5")],
+        // Under TCG the guest pushes 300 MiB through its pipes in about a minute when the host is idle.
+        "[settings]\ninstall_timeout = \"900s\"\nremove_timeout = \"300s\"\n",
+    );
+    let out = dir.path().join("out");
+    let (code, log, max_rss) = spawn(&lab, &out, &[]).wait_measured(Duration::from_secs(1800));
+    let report = common::read_json(&out.join("report.json"));
+    let c = cell(&report, "floods");
+    eprintln!("flood drill: {:?}, exit {code}, patchlab max RSS {} MiB, {:?} {}", t.elapsed(), max_rss >> 20, statuses(c), c["conditions"]["removal"]["reason"]);
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The verdicts come from the exit statuses: install 0 passes, removal 5 fails.
+    assert_eq!(statuses(c), ["pass", "pass", "pass", "pass", "fail"], "{c:#}");
+    assert!(c["error"].is_null(), "{c:#}");
+    assert_eq!(c["conditions"]["removal"]["reason"].as_str().unwrap(), "`/bin/sh /var/tmp/patchlab/remove.sh` exited with Some(5)");
+    assert_eq!((code, report["verdict"].as_str()), (1, Some("fail")));
+
+    // stdout of the install: both ends kept, the count and digest of all of it.
+    let install = &c["conditions"]["install"]["commands"][0];
+    let stdout = &install["stdout"];
+    let mut all = Sha256::new();
+    let chunk = vec![b'y'; 1 << 20];
+    (0..FLOOD >> 20).for_each(|_| all.update(&chunk));
+    all.update(b"\nPATCHLAB-FLOOD-END\n");
+    assert_eq!(stdout["bytes"], FLOOD + 20);
+    assert_eq!(stdout["sha256"].as_str().unwrap(), hex::encode(all.finalize()), "the digest of all 300 MiB, computed in the guest");
+    assert_eq!(stdout["truncated"], true);
+    let head = stdout["text"].as_str().unwrap();
+    assert!(head.len() == 64 * 1024 && head.bytes().all(|b| b == b'y'), "the first 64 KiB");
+    let tail = stdout["tail"].as_str().unwrap();
+    assert!(tail.len() == 64 * 1024 && tail.ends_with("yyy\nPATCHLAB-FLOOD-END\n"), "the last 64 KiB");
+    assert_eq!(install["stderr"]["text"], "flood-done\n");
+    assert_eq!(install["stderr"]["truncated"], false);
+    // stderr of the removal: the same, on the other stream.
+    let stderr = &c["conditions"]["removal"]["commands"][0]["stderr"];
+    assert_eq!((stderr["bytes"].as_u64(), stderr["truncated"].as_bool()), (Some(20 << 20), Some(true)));
+    let mut all = Sha256::new();
+    (0..20).for_each(|_| all.update(vec![b'e'; 1 << 20]));
+    assert_eq!(stderr["sha256"].as_str().unwrap(), hex::encode(all.finalize()));
+    // The renderings say so.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("314,572,820 bytes") && md.contains("only the first and the last part are kept"), "{md}");
+
+    // patchlab's memory: nowhere near the flood (the output never reaches the host).
+    assert!(max_rss < 200 << 20, "patchlab peaked at {} MiB of resident memory", max_rss >> 20);
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).with_tmpdir(&cli_tmp(&out)).assert_clean();
 }
 
 #[test]
@@ -250,7 +335,7 @@ fn signal_drill(host: &patchlab::hypervisor::libvirt::LibvirtHost, golden: &patc
         assert_eq!(report["verdict"], "error", "{name}");
         assert_eq!(code, 3, "{name}: an incomplete run is the lab's error");
         assert!(report["results"].as_array().unwrap().iter().all(|r| r["patch"] != "b-slow"), "{name}: no cell starts after the signal");
-        common::LeakCheck::new(host, report["run_id"].as_str().unwrap(), &[golden]).assert_clean();
+        common::LeakCheck::new(host, report["run_id"].as_str().unwrap(), &[golden]).with_tmpdir(&cli_tmp(&out)).assert_clean();
     }
 }
 
@@ -294,6 +379,7 @@ fn a_corrupt_or_missing_golden_state_is_named_and_nothing_runs() {
         let clones: Vec<_> = std::fs::read_dir(cache.join("clones")).into_iter().flatten().flatten().map(|e| e.path()).collect();
         assert!(clones.is_empty(), "{clones:?}");
         assert!(host.patchlab_domains().unwrap().iter().all(|d| !d.contains(report["run_id"].as_str().unwrap())));
+        common::assert_tmpdir_empty(&cli_tmp(&out));
     }
     common::LeakCheck::new(&host, "no-run", &[&golden]).assert_clean();
 }
@@ -335,7 +421,7 @@ fn a_host_without_room_for_a_clone_is_refused_before_cloning() {
     assert!(!log.contains("restore clone"), "refused before restoring: {log}");
     let run_id = report["run_id"].as_str().unwrap();
     assert!(!cache.join("clones").join(run_id).exists());
-    common::LeakCheck::new(&host, run_id, &[&golden]).assert_clean();
+    common::LeakCheck::new(&host, run_id, &[&golden]).with_tmpdir(&cli_tmp(&out)).assert_clean();
 }
 
 #[test]
@@ -352,10 +438,15 @@ fn bad_usage_exits_2_and_a_missing_libvirtd_is_one_clear_sentence() {
         assert!(stderr.contains("Usage") || stderr.contains("error:"), "patchlab {args:?} says why: {stderr}");
     }
     // No libvirtd at that socket: exit 3, one sentence saying what to do, and an incomplete report.
+    // Patches are built before libvirt is reached: a deb patch makes `dpkg-deb` use the TMPDIR too.
     let dir = tempfile::tempdir().unwrap();
     let lab = write_lab(dir.path(), &[("noop", "true", "true")], "");
+    assert!(Command::new("cp").arg("-r").arg(common::root().join("fixtures/patches/good")).arg(dir.path().join("deb-tree")).status().unwrap().success());
+    let mut text = std::fs::read_to_string(&lab).unwrap();
+    text += &format!("[patches.deb]\nkind = \"deb\"\npackage_trees = [\"{}\"]\n", dir.path().join("deb-tree").display());
+    std::fs::write(&lab, text).unwrap();
     let out_dir = dir.path().join("out");
-    let out = patchlab().arg("run").arg(&lab).arg("--out").arg(&out_dir).args(["--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"]).output().unwrap();
+    let out = patchlab().arg("run").arg(&lab).arg("--out").arg(&out_dir).args(["--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"]).env("TMPDIR", common::cli_tmpdir(dir.path())).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
@@ -363,6 +454,8 @@ fn bad_usage_exits_2_and_a_missing_libvirtd_is_one_clear_sentence() {
     assert!(error_lines[0].contains("is libvirtd running?") && error_lines[0].contains("libvirtd -d"), "{stderr}");
     let report = common::read_json(&out_dir.join("report.json"));
     assert_eq!((report["complete"].as_bool(), report["verdict"].as_str()), (Some(false), Some("error")));
+    assert!(out_dir.join("patches/deb").read_dir().unwrap().count() > 0, "the deb patch was built");
+    common::assert_tmpdir_empty(&dir.path().join("cli-tmp"));
 }
 
 /// Missing prerequisites, each one `error:` line saying what to do, exit 3 and an incomplete report:

@@ -23,7 +23,7 @@ fn digest(c: char) -> String {
 }
 
 fn out(text: &str) -> Output {
-    Output { text: text.into(), bytes: text.len() as u64, sha256: digest('5'), truncated: false }
+    Output { text: text.into(), bytes: text.len() as u64, sha256: digest('5'), truncated: false, tail: None }
 }
 
 fn check(name: &str, passed: bool, detail: &str) -> CheckResult {
@@ -89,7 +89,11 @@ pub fn mixed_report() -> Report {
         removal: Condition {
             status: Status::Fail,
             reason: Some("2 fingerprint differences after removal; check nginx-http failed".into()),
-            commands: vec![exec("dpkg --purge openssl-fix", 0, &format!("Removing openssl-fix ...\n{HOSTILE}\n{HOSTILE_CELL}\n```\nnot a fence end\n"), "dpkg: warning: while removing openssl-fix, directory '/etc/ssl/fix' not empty so not removed\n")],
+            commands: vec![ExecResult {
+                // A flood on stderr: the first and the last part kept, the tail as hostile as the rest.
+                stderr: Output { bytes: 314_572_800, truncated: true, tail: Some(format!("{HOSTILE}\n````\nend of the flood\n")), ..out("dpkg: warning: while removing openssl-fix, directory '/etc/ssl/fix' not empty so not removed\n") },
+                ..exec("dpkg --purge openssl-fix", 0, &format!("Removing openssl-fix ...\n{HOSTILE}\n{HOSTILE_CELL}\n```\nnot a fence end\n"), "")
+            }],
             checks: vec![check("nginx-http", false, &format!("GET / answered 502, body {HOSTILE}")), check("ssh-port", true, "guest port 22 accepted a connection")],
             differences: vec![
                 Difference { kind: "file".into(), item: "/etc/ssl/fix/openssl.cnf".into(), before: None, after: Some("sha256 1111 mode 0644 root:root".into()) },
@@ -208,6 +212,8 @@ fn guest_text_is_escaped_never_markup() {
     let md = render::markdown(&mixed_report());
     assert!(!md.contains(&format!("body {HOSTILE}")), "inline guest text is escaped in Markdown");
     assert!(md.contains("````text\nRemoving openssl-fix"), "a fence longer than the output's backtick run");
+    assert!(md.contains("`````text\n<script>alert(1)</script>\n````\nend of the flood\n`````"), "the kept tail of a flood is fenced too:\n{md}");
+    assert!(html.contains("only the first and the last part are kept") && md.contains("the middle is not kept"), "a truncation marker");
 }
 
 #[test]

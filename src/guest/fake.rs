@@ -20,6 +20,8 @@ struct State {
     files: HashMap<String, Vec<u8>>,
     handles: HashMap<i64, (String, usize)>,
     finished: HashMap<i64, Reply>,
+    /// Output of commands run by `Agent::exec_bounded`, by capture directory: stdout, stderr, limit.
+    captured: HashMap<String, (Vec<u8>, Vec<u8>, usize)>,
     next: i64,
     log: Vec<String>,
 }
@@ -51,6 +53,19 @@ impl FakeGuest {
     }
 
     fn run(&self, state: &mut State, program: &str, args: &[String]) -> Reply {
+        // `Agent::exec_bounded`: run the command itself, keep its output for the collect step.
+        if program == "/bin/sh" && args.len() >= 6 && args[0] == "-c" && args[1] == super::CAPTURE {
+            let (code, out, err) = self.run(state, &args[5], &args[6..]);
+            let limit = args[4].parse().expect("the capture limit is a number");
+            state.captured.insert(args[3].clone(), (out, err, limit));
+            return (code, vec![], vec![]);
+        }
+        if program == "/bin/sh" && args.len() >= 4 && args[0] == "-c" && args[1] == super::COLLECT {
+            return match state.captured.remove(&args[3]) {
+                Some((out, err, limit)) => (0, super::collected_for(&out, &err, limit), vec![]),
+                None => (3, vec![], b"no capture directory\n".to_vec()),
+            };
+        }
         state.log.push(std::iter::once(program.to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" "));
         if program.ends_with("sha256sum") {
             let path = args.last().cloned().unwrap_or_default();

@@ -64,25 +64,35 @@ impl ExecRequest {
     }
 }
 
-/// Captured output, cut to a limit, with the digest and length of everything the agent returned.
+/// Captured output, cut to a limit, with the digest and length of all of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Output {
+    /// The first `limit` bytes.
     pub text: String,
     pub bytes: u64,
     pub sha256: String,
     pub truncated: bool,
+    /// When truncated: the last bytes (up to `limit`, none of them in `text`); the bytes between
+    /// `text` and `tail` are not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<String>,
 }
 
 impl Output {
     pub fn capture(data: &[u8], limit: usize) -> Output {
-        let kept = &data[..data.len().min(limit)];
-        Output {
-            text: String::from_utf8_lossy(kept).into_owned(),
-            bytes: data.len() as u64,
-            sha256: hex::encode(Sha256::digest(data)),
-            truncated: data.len() > limit,
-        }
+        let tail = &data[data.len().saturating_sub(limit)..];
+        Output::from_ends(&data[..data.len().min(limit)], tail, data.len() as u64, hex::encode(Sha256::digest(data)), limit)
+    }
+
+    /// From the first bytes (`head`) and the last ones (`tail`, up to `limit` each) of `bytes` bytes
+    /// whose digest is `sha256`.
+    fn from_ends(head: &[u8], tail: &[u8], bytes: u64, sha256: String, limit: usize) -> Output {
+        let truncated = bytes > limit as u64;
+        // Only the part of the tail that the head does not already hold.
+        let fresh = (bytes.saturating_sub(limit as u64)).min(tail.len() as u64) as usize;
+        let tail = (truncated && fresh > 0).then(|| String::from_utf8_lossy(&tail[tail.len() - fresh..]).into_owned());
+        Output { text: String::from_utf8_lossy(&head[..head.len().min(limit)]).into_owned(), bytes, sha256, truncated, tail }
     }
 }
 
@@ -101,6 +111,106 @@ impl ExecResult {
     pub fn success(&self) -> bool {
         self.exit_code == Some(0)
     }
+}
+
+/// What the agent reported about one command, before any bounding.
+struct RawExec {
+    exit_code: Option<i64>,
+    signal: Option<i64>,
+    out: Vec<u8>,
+    err: Vec<u8>,
+    duration_ms: u64,
+}
+
+/// `sh -c CAPTURE patchlab-capture PREFIX LIMIT PROGRAM ARGS...`: stdout and stderr of the
+/// command go to FIFOs `PREFIX.out` and `PREFIX.err` (on /run, a tmpfs: a full disk does not stop
+/// it); for each, `tee -p` feeds a reader keeping the first LIMIT bytes, one keeping the last LIMIT
+/// bytes, `wc -c`, and `sha256sum`, and `PREFIX.<stream>.done` appears when all four have finished.
+/// The readers hold neither the agent's pipes nor the command's. Then the command is `exec`ed, so
+/// the agent sees its own exit status. Few processes: each costs tens of milliseconds under TCG.
+pub(crate) const CAPTURE: &str = r#"set -eu
+d=$1 n=$2
+shift 2
+mkfifo -m 600 "$d.out" "$d.out.h" "$d.out.t" "$d.out.c" "$d.err" "$d.err.h" "$d.err.t" "$d.err.c"
+for s in out err; do
+  (
+    head -c "$n" < "$d.$s.h" > "$d.$s.head" &
+    tail -c "$n" < "$d.$s.t" > "$d.$s.tail" &
+    wc -c < "$d.$s.c" > "$d.$s.bytes" &
+    tee -p "$d.$s.h" "$d.$s.t" "$d.$s.c" < "$d.$s" | sha256sum > "$d.$s.sha256"
+    wait
+    : > "$d.$s.done"
+  ) < /dev/null > /dev/null 2>&1 &
+done
+exec "$@" > "$d.out" 2> "$d.err"
+"#;
+
+/// `sh -c COLLECT patchlab-collect PREFIX TENTHS`: waits up to TENTHS tenths of a second for both
+/// streams' readers (exit 4 if they do not finish), prints `BYTES SHA256` for stdout and stderr,
+/// then the kept head and tail of each, and removes the files. Exit 3: the capture was never set up.
+pub(crate) const COLLECT: &str = r#"d=$1 i=0
+[ -p "$d.out" ] || { echo "no capture at $d" >&2; exit 3; }
+while [ ! -e "$d.out.done" ] || [ ! -e "$d.err.done" ]; do
+  i=$((i+1))
+  [ "$i" -le "$2" ] || { rm -f -- "$d".*; exit 4; }
+  sleep 0.1
+done
+for s in out err; do
+  read -r bytes < "$d.$s.bytes"
+  read -r sha _ < "$d.$s.sha256"
+  printf '%s %s\n' "$bytes" "$sha"
+done
+cat "$d.out.head" "$d.out.tail" "$d.err.head" "$d.err.tail"
+rm -f -- "$d".*
+"#;
+
+/// A prefix for capture files that no other command of this process uses.
+fn capture_dir() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("/run/patchlab-out.{}.{}.{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Parses what [`COLLECT`] printed: two `BYTES SHA256` lines, then head and tail of stdout and of
+/// stderr, each `min(BYTES, limit)` long.
+fn parse_collected(data: &[u8], limit: usize) -> Result<(Output, Output), String> {
+    let mut rest = data;
+    let mut header = |what: &str| -> Result<(u64, String), String> {
+        let end = rest.iter().position(|&b| b == b'\n').ok_or(format!("no {what} line"))?;
+        let line = std::str::from_utf8(&rest[..end]).map_err(|_| format!("{what} line is not text"))?;
+        rest = &rest[end + 1..];
+        let (bytes, sha256) = line.split_once(' ').ok_or(format!("{what} line {line:?} is not `BYTES SHA256`"))?;
+        let bytes: u64 = bytes.parse().map_err(|_| format!("{what} byte count {bytes:?} is not a number"))?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{what} digest {sha256:?} is not a sha256"));
+        }
+        Ok((bytes, sha256.to_ascii_lowercase()))
+    };
+    let out = header("stdout")?;
+    let err = header("stderr")?;
+    let kept = |bytes: u64| bytes.min(limit as u64) as usize;
+    let expected = 2 * kept(out.0) + 2 * kept(err.0);
+    if rest.len() != expected {
+        return Err(format!("{} bytes of kept output, expected {expected}", rest.len()));
+    }
+    let (out_head, rest) = rest.split_at(kept(out.0));
+    let (out_tail, rest) = rest.split_at(kept(out.0));
+    let (err_head, err_tail) = rest.split_at(kept(err.0));
+    Ok((Output::from_ends(out_head, out_tail, out.0, out.1, limit), Output::from_ends(err_head, err_tail, err.0, err.1, limit)))
+}
+
+/// What [`COLLECT`] prints for a command whose stdout and stderr were `out` and `err` (for fakes).
+pub(crate) fn collected_for(out: &[u8], err: &[u8], limit: usize) -> Vec<u8> {
+    let mut text = Vec::new();
+    for data in [out, err] {
+        text.extend(format!("{} {}\n", data.len(), hex::encode(Sha256::digest(data))).into_bytes());
+    }
+    for data in [out, err] {
+        text.extend_from_slice(&data[..data.len().min(limit)]);
+        text.extend_from_slice(&data[data.len().saturating_sub(limit)..]);
+    }
+    text
 }
 
 pub struct Agent<'a> {
@@ -234,15 +344,38 @@ impl<'a> Agent<'a> {
     }
 
     /// Sets the guest clock to the host's: a restored guest wakes at the moment it was saved.
+    ///
+    /// With `date -s` in the guest rather than the agent's `guest-set-time`: that one also writes
+    /// the hardware clock (`hwclock -w`), which under TCG took 0.5–1.6 s of every clone (measured
+    /// from restore to ready, docs/performance.md), and a throwaway clone never reads its RTC again.
+    /// Falls back to `guest-set-time` when the guest's `date` cannot set the clock.
     pub fn set_time_now(&self) -> Result<(), AgentError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
+        let at = format!("@{}.{:09}", now.as_secs(), now.subsec_nanos());
+        if self.exec(&ExecRequest::new("/bin/date", &["-u", "-s", &at], Duration::from_secs(30)))?.success() {
+            return Ok(());
+        }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
         self.request("guest-set-time", Some(json!({ "time": now.as_nanos() as u64 })), REPLY_TIMEOUT).map(drop)
     }
 
     pub fn exec(&self, req: &ExecRequest) -> Result<ExecResult, AgentError> {
+        let raw = self.exec_raw(req, &req.program, &req.args)?;
+        Ok(ExecResult {
+            command: req.command_line(),
+            exit_code: raw.exit_code,
+            signal: raw.signal,
+            stdout: Output::capture(&raw.out, req.output_limit),
+            stderr: Output::capture(&raw.err, req.output_limit),
+            duration_ms: raw.duration_ms,
+        })
+    }
+
+    /// Runs `program args` (as `req`'s command) under `req`'s deadline and returns what the agent
+    /// reported: exit status and the output it captured.
+    fn exec_raw(&self, req: &ExecRequest, program: &str, args: &[String]) -> Result<RawExec, AgentError> {
         let started = Instant::now();
-        let args = json!({ "path": req.program, "arg": req.args, "capture-output": true });
-        let ret = self.request("guest-exec", Some(args), REPLY_TIMEOUT)?;
+        let ret = self.request("guest-exec", Some(json!({ "path": program, "arg": args, "capture-output": true })), REPLY_TIMEOUT)?;
         let pid = ret.get("pid").and_then(Value::as_i64).ok_or(AgentError::Malformed { command: "guest-exec", reason: "no numeric pid".into() })?;
         let mut poll = POLL_START;
         loop {
@@ -256,12 +389,11 @@ impl<'a> Agent<'a> {
                         Some(_) => Err(AgentError::Malformed { command: "guest-exec-status", reason: format!("{key} is not a string") }),
                     }
                 };
-                return Ok(ExecResult {
-                    command: req.command_line(),
+                return Ok(RawExec {
                     exit_code: status.get("exitcode").and_then(Value::as_i64),
                     signal: status.get("signal").and_then(Value::as_i64),
-                    stdout: Output::capture(&decode("out-data")?, req.output_limit),
-                    stderr: Output::capture(&decode("err-data")?, req.output_limit),
+                    out: decode("out-data")?,
+                    err: decode("err-data")?,
                     duration_ms: started.elapsed().as_millis() as u64,
                 });
             }
@@ -274,6 +406,48 @@ impl<'a> Agent<'a> {
             std::thread::sleep(poll);
             poll = (poll * 2).min(POLL_MAX);
         }
+    }
+
+    /// Like [`Agent::exec`], for commands whose output may be of any size (a patch's install and
+    /// remove commands): the agent captures at most 16 MiB and libvirt carries about 4 MiB per
+    /// reply, so the output never goes through them. In the guest, stdout and stderr go to pipes
+    /// whose readers keep the first and last `output_limit` bytes and count and hash all of it
+    /// (`CAPTURE`, nothing written to the guest's disk); the command is `exec`ed, so its exit
+    /// status and signal are its own. A second command (`COLLECT`) returns the kept ends, the
+    /// counts and the digests, and removes the capture files.
+    pub fn exec_bounded(&self, req: &ExecRequest) -> Result<ExecResult, AgentError> {
+        let started = Instant::now();
+        let dir = capture_dir();
+        let limit = req.output_limit.to_string();
+        let args: Vec<String> = ["-c", CAPTURE, "patchlab-capture", &dir, &limit, &req.program].into_iter().map(String::from).chain(req.args.iter().cloned()).collect();
+        let ran = match self.exec_raw(req, "/bin/sh", &args) {
+            Ok(ran) => ran,
+            Err(e) => {
+                // The command was killed at its deadline (or the agent broke): drop what it wrote.
+                if matches!(e, AgentError::Deadline { .. }) {
+                    let _ = self.exec(&ExecRequest::new("/bin/sh", &["-c", "rm -f -- \"$1\".*", "patchlab-clean", &dir], Duration::from_secs(30)));
+                }
+                return Err(e);
+            }
+        };
+        // The command's own output went to the pipes: anything here comes from the capture itself.
+        let setup: Vec<u8> = ran.out.iter().chain(&ran.err).copied().collect();
+        // The readers finish right after the command (it could only write as fast as they read),
+        // unless something the command left running holds its output open: that counts against
+        // its deadline, as it does when the agent captures the output.
+        let wait = req.deadline.saturating_sub(started.elapsed()).max(Duration::from_secs(10));
+        let collect = ExecRequest::new("/bin/sh", &["-c", COLLECT, "patchlab-collect", &dir, &(wait.as_millis() / 100).to_string()], wait + Duration::from_secs(60));
+        let collected = self.exec_raw(&collect, &collect.program, &collect.args)?;
+        match collected.exit_code {
+            Some(0) => {}
+            Some(4) => return Err(AgentError::Deadline { program: req.command_line(), deadline: req.deadline }),
+            _ => {
+                let why = String::from_utf8_lossy(&collected.err);
+                return Err(AgentError::Refused { command: "guest-exec", message: format!("capturing the output of `{}` failed: {} {}", req.command_line(), String::from_utf8_lossy(&setup).trim(), why.trim()) });
+            }
+        }
+        let (stdout, stderr) = parse_collected(&collected.out, req.output_limit).map_err(|reason| AgentError::Malformed { command: "guest-exec", reason: format!("output capture: {reason}") })?;
+        Ok(ExecResult { command: req.command_line(), exit_code: ran.exit_code, signal: ran.signal, stdout, stderr, duration_ms: started.elapsed().as_millis() as u64 })
     }
 
     /// Runs a command that must succeed and returns its stdout.
@@ -348,3 +522,59 @@ impl<'a> Agent<'a> {
 }
 
 pub mod fake;
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+    use crate::guest::fake::FakeGuest;
+
+    fn run(out: Vec<u8>, err: Vec<u8>, code: i64) -> ExecResult {
+        let guest = FakeGuest::new(move |program, _| (program == "/bin/flood").then(|| (code, out.clone(), err.clone())));
+        let result = Agent::new(&guest, CancellationToken::new()).exec_bounded(&ExecRequest::new("/bin/flood", &["--now"], Duration::from_secs(5))).unwrap();
+        assert_eq!(guest.commands(), vec!["/bin/flood --now"], "only the command itself is logged");
+        result
+    }
+
+    #[test]
+    fn bounded_output_keeps_both_ends_and_digests_all_of_it() {
+        let mut out = b"first line\n".to_vec();
+        out.extend(std::iter::repeat_n(b'y', 3 * DEFAULT_OUTPUT_LIMIT));
+        out.extend(b"last line\n");
+        let r = run(out.clone(), b"warning\n".to_vec(), 7);
+        assert_eq!((r.exit_code, r.command.as_str()), (Some(7), "/bin/flood --now"));
+        assert_eq!(r.stdout.bytes, out.len() as u64);
+        assert_eq!(r.stdout.sha256, hex::encode(Sha256::digest(&out)));
+        assert!(r.stdout.truncated);
+        assert!(r.stdout.text.starts_with("first line\n") && r.stdout.text.len() == DEFAULT_OUTPUT_LIMIT);
+        let tail = r.stdout.tail.as_deref().unwrap();
+        assert!(tail.ends_with("yyylast line\n") && tail.len() == DEFAULT_OUTPUT_LIMIT, "{}", tail.len());
+        assert_eq!(r.stderr, Output::capture(b"warning\n", DEFAULT_OUTPUT_LIMIT));
+        assert_eq!(r.stderr.tail, None);
+    }
+
+    #[test]
+    fn the_tail_holds_only_what_the_head_does_not() {
+        let out: Vec<u8> = (0..DEFAULT_OUTPUT_LIMIT + 10).map(|i| b'a' + (i % 26) as u8).collect();
+        let r = run(out.clone(), vec![], 0);
+        assert_eq!(r.stdout.tail.as_deref().unwrap().as_bytes(), &out[DEFAULT_OUTPUT_LIMIT..]);
+        // Exactly at the limit: nothing is cut.
+        let r = run(vec![b'x'; DEFAULT_OUTPUT_LIMIT], vec![], 0);
+        assert!(!r.stdout.truncated && r.stdout.tail.is_none());
+        assert_eq!(Output::capture(&out, DEFAULT_OUTPUT_LIMIT), run(out, vec![], 0).stdout, "same record as an agent capture");
+    }
+
+    #[test]
+    fn malformed_collect_output_is_an_error() {
+        let good = collected_for(b"abc", b"", 2);
+        assert!(parse_collected(&good, 2).is_ok());
+        for (what, bad) in [
+            ("empty", Vec::new()),
+            ("no digest", b"3\n0 e3b0\n".to_vec()),
+            ("count not a number", b"x 0000000000000000000000000000000000000000000000000000000000000000\n".to_vec()),
+            ("short", good[..good.len() - 1].to_vec()),
+            ("long", [&good[..], b"more"].concat()),
+        ] {
+            assert!(parse_collected(&bad, 2).is_err(), "{what}");
+        }
+    }
+}

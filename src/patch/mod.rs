@@ -204,8 +204,9 @@ impl PreparedPatch {
         Ok(kept)
     }
 
+    /// Installs the patch. Its commands' output can be of any size: see [`Agent::exec_bounded`].
     pub fn install(&self, agent: &Agent<'_>, deadline: Duration) -> Result<ExecResult, AgentError> {
-        let exec = |program: &str, args: Vec<String>| agent.exec(&ExecRequest { program: program.into(), args, deadline, output_limit: crate::guest::DEFAULT_OUTPUT_LIMIT });
+        let exec = |program: &str, args: Vec<String>| agent.exec_bounded(&ExecRequest { program: program.into(), args, deadline, output_limit: crate::guest::DEFAULT_OUTPUT_LIMIT });
         match &self.kind {
             PatchKind::Deb | PatchKind::Upgrade => exec("/usr/bin/dpkg", std::iter::once("--install".to_string()).chain(self.files.iter().map(Self::guest_path)).collect()),
             PatchKind::Script { install, .. } => exec(&install[0], install[1..].to_vec()),
@@ -214,7 +215,7 @@ impl PreparedPatch {
 
     /// Removes the patch: purge (deb), reinstall what was kept (upgrade), or the remove command (script).
     pub fn remove(&self, agent: &Agent<'_>, kept: &Kept, deadline: Duration) -> Result<Vec<ExecResult>, AgentError> {
-        let exec = |program: &str, args: Vec<String>| agent.exec(&ExecRequest { program: program.into(), args, deadline, output_limit: crate::guest::DEFAULT_OUTPUT_LIMIT });
+        let exec = |program: &str, args: Vec<String>| agent.exec_bounded(&ExecRequest { program: program.into(), args, deadline, output_limit: crate::guest::DEFAULT_OUTPUT_LIMIT });
         match &self.kind {
             PatchKind::Deb => Ok(vec![exec("/usr/bin/dpkg", std::iter::once("--purge".to_string()).chain(self.files.iter().map(|f| f.package.clone())).collect())?]),
             PatchKind::Upgrade => {

@@ -42,6 +42,9 @@ fn description(k: &Condition) -> String {
         lines.push(format!("command `{}`: {status}", x.command));
         if !x.stderr.text.is_empty() {
             lines.push(format!("stderr ({} bytes, sha256 {}{}):\n{}", x.stderr.bytes, x.stderr.sha256, if x.stderr.truncated { ", truncated" } else { "" }, x.stderr.text.trim_end()));
+            if let Some(tail) = &x.stderr.tail {
+                lines.push(format!("[... the middle is not kept; the last part:]\n{}", tail.trim_end()));
+            }
         }
     }
     for d in k.delivered.iter().filter(|d| d.host_sha256 != d.guest_sha256 || d.pinned_sha256.as_ref().is_some_and(|p| !p.eq_ignore_ascii_case(&d.host_sha256))) {

@@ -239,6 +239,10 @@ pub struct StreamView {
     pub bytes: String,
     pub sha256: String,
     pub truncated: bool,
+    /// When truncated: the last part kept (shown after a "not kept" marker); empty otherwise.
+    pub tail: String,
+    pub tail_fence: String,
+    pub has_tail: bool,
 }
 
 pub struct DeliveredView {
@@ -372,7 +376,19 @@ fn check_view(c: &CheckResult, e: Escape) -> CheckView {
 }
 
 fn stream(name: &'static str, o: &Output) -> StreamView {
-    StreamView { name, text: o.text.strip_suffix('\n').unwrap_or(&o.text).to_string(), fence: fence(&o.text), empty: o.text.is_empty(), bytes: thousands(o.bytes), sha256: o.sha256.clone(), truncated: o.truncated }
+    let tail = o.tail.as_deref().unwrap_or_default();
+    StreamView {
+        name,
+        text: o.text.strip_suffix('\n').unwrap_or(&o.text).to_string(),
+        fence: fence(&o.text),
+        empty: o.text.is_empty(),
+        bytes: thousands(o.bytes),
+        sha256: o.sha256.clone(),
+        truncated: o.truncated,
+        tail: tail.strip_suffix('\n').unwrap_or(tail).to_string(),
+        tail_fence: fence(tail),
+        has_tail: !tail.is_empty(),
+    }
 }
 
 fn one_line(s: &str) -> String {
