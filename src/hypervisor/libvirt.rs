@@ -25,17 +25,30 @@ static QUIET: Once = Once::new();
 
 pub struct LibvirtHost {
     pub uri: String,
-    conn: Connect,
+    /// Opened again when it died (see [`LibvirtHost::conn`]).
+    conn: std::sync::Mutex<Connect>,
     pub dirs: Dirs,
 }
 
 impl LibvirtHost {
     pub fn connect(uri: &str, dirs: Dirs) -> Result<LibvirtHost, HypervisorError> {
-        Ok(LibvirtHost { uri: uri.into(), conn: open_connection(uri)?, dirs })
+        Ok(LibvirtHost { uri: uri.into(), conn: std::sync::Mutex::new(open_connection(uri)?), dirs })
+    }
+
+    /// The connection to libvirtd. When libvirtd was restarted (or the connection broke) it is
+    /// opened again, so later clones of the run work; a clone restored on the old connection loses
+    /// its agent channel (its cell is `error`) and is torn down through a new connection.
+    fn conn(&self) -> Result<Connect, HypervisorError> {
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !conn.is_alive().unwrap_or(false) {
+            tracing::warn!(uri = %self.uri, "the connection to libvirt was lost (libvirtd restarted?); connecting again");
+            *conn = open_connection(&self.uri)?;
+        }
+        Ok(conn.clone())
     }
 
     pub fn lookup(&self, name: &str) -> Option<Domain> {
-        self.conn.lookup_domain_by_name(name).ok()
+        self.conn().ok()?.lookup_domain_by_name(name).ok()
     }
 
     /// Returns the golden state of an image platform, booting and saving it once if needed.
@@ -55,7 +68,7 @@ impl LibvirtHost {
     /// reused: it belongs to a domain definition patchlab does not control (its network, devices).
     pub fn golden_from_snapshot(&self, platform: &str, domain_name: &str, snapshot_name: &str, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
         let fail = |reason: String| HypervisorError::Golden { platform: platform.into(), reason };
-        let domain = self.conn.lookup_domain_by_name(domain_name).map_err(|e| fail(format!("libvirt has no domain `{domain_name}` ({})", e.message())))?;
+        let domain = self.conn()?.lookup_domain_by_name(domain_name).map_err(|e| fail(format!("libvirt has no domain `{domain_name}` ({})", e.message())))?;
         let snapshot = Domain::lookup_snapshot_by_name(&domain, snapshot_name, 0).map_err(|e| fail(format!("domain `{domain_name}` has no snapshot `{snapshot_name}` ({})", e.message())))?;
         let snap_xml = snapshot.xml_desc(0).map_err(HypervisorError::libvirt(format!("read snapshot {snapshot_name}")))?;
         let facts = SnapshotFacts::parse(&snap_xml).map_err(|reason| fail(format!("snapshot `{snapshot_name}` of `{domain_name}`: {reason}")))?;
@@ -115,7 +128,7 @@ impl LibvirtHost {
         let spec = BootSpec { identity: identity.clone(), accel, memory_mib: boot.memory_mib, vcpus: boot.vcpus, kernel: boot.kernel.clone() };
         let xml = domain_xml::boot_xml(&spec, run_id, "golden");
         let state = dir.join("state.save");
-        let boot_ms = boot_warm_and_save(&self.conn, platform, &xml, &identity, &boot.services, &state, cancel)?;
+        let boot_ms = boot_warm_and_save(&self.conn()?, platform, &xml, &identity, &boot.services, &state, cancel)?;
         for file in [&disk, &state] {
             make_read_only(file)?;
         }
@@ -145,7 +158,7 @@ impl LibvirtHost {
         let dir = self.dirs.clones().join(run_id).join(clone_name);
         std::fs::create_dir_all(&dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
         // From here on the clone owns `dir`: dropping it on an early return removes everything.
-        let mut clone = LibvirtClone { name: clone_name.into(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log") };
+        let mut clone = LibvirtClone { name: clone_name.into(), uri: self.uri.clone(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log") };
         // Refused before anything is written: the state copy and the overlay's growth must fit.
         let state_size = std::fs::metadata(golden.state_path()).map_err(HypervisorError::io(format!("read {}", golden.state_path().display())))?.len();
         super::check_room(&dir, super::available_bytes(&dir)?, state_size + super::CLONE_DISK_HEADROOM)?;
@@ -157,10 +170,11 @@ impl LibvirtHost {
         let xml = domain_xml::clone_xml(&golden.header.xml, &golden_identity, &identity, run_id)?;
         let state = dir.join("state.save");
         saveimage::write_with_xml(&golden.state_path(), &golden.header, &xml, &state)?;
-        let restored = self.conn.restore_domain_flags(&state.to_string_lossy(), None, virt::sys::VIR_DOMAIN_SAVE_RUNNING);
+        let conn = self.conn()?;
+        let restored = conn.restore_domain_flags(&state.to_string_lossy(), None, virt::sys::VIR_DOMAIN_SAVE_RUNNING);
         let _ = std::fs::remove_file(&state);
         restored.map_err(HypervisorError::libvirt(format!("restore clone {clone_name}")))?;
-        let domain = self.conn.lookup_domain_by_name(clone_name).map_err(HypervisorError::libvirt(format!("find restored clone {clone_name}")))?;
+        let domain = conn.lookup_domain_by_name(clone_name).map_err(HypervisorError::libvirt(format!("find restored clone {clone_name}")))?;
         clone.channel = Some(DomainChannel(domain.clone()));
         clone.domain = Some(domain);
         Ok(clone)
@@ -169,7 +183,7 @@ impl LibvirtHost {
     /// Destroys `patchlab-` domains and removes clone directories of runs that are no longer alive.
     pub fn reap(&self) -> Result<Vec<String>, HypervisorError> {
         let mut reaped = Vec::new();
-        let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
+        let domains = self.conn()?.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
         for domain in domains {
             let Ok(name) = domain.name() else { continue };
             if !name.starts_with(NAME_PREFIX) {
@@ -206,13 +220,13 @@ impl LibvirtHost {
 
     /// This machine's cores and available memory, under libvirt's name for it.
     pub fn facts(&self) -> Result<super::HostFacts, HypervisorError> {
-        let hostname = self.conn.hostname().map_err(HypervisorError::libvirt("read the host name"))?;
+        let hostname = self.conn()?.hostname().map_err(HypervisorError::libvirt("read the host name"))?;
         Ok(super::HostFacts { hostname, cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), free_mib: super::local_available_mib() })
     }
 
     /// Names of every `patchlab-` domain on the host, running or defined.
     pub fn patchlab_domains(&self) -> Result<Vec<String>, HypervisorError> {
-        let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
+        let domains = self.conn()?.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
         Ok(domains.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(NAME_PREFIX)).collect())
     }
 }
@@ -372,6 +386,8 @@ impl AgentChannel for DomainChannel {
                 AgentError::Timeout(timeout)
             } else if e.code().is(ErrorNumber::AgentCommandFailed) {
                 AgentError::Refused { command: "agent", message: e.message().to_string() }
+            } else if !self.0.connect().and_then(|c| c.is_alive()).unwrap_or(false) {
+                AgentError::Unreachable(format!("the connection to libvirtd was lost (libvirtd restarted or stopped?): {}", e.message()))
             } else {
                 AgentError::Unreachable(e.message().to_string())
             }
@@ -382,6 +398,8 @@ impl AgentChannel for DomainChannel {
 /// A running clone. Dropping it destroys the domain and removes its directory.
 pub struct LibvirtClone {
     name: String,
+    /// The host's URI: teardown connects again when the clone's connection died.
+    uri: String,
     dir: PathBuf,
     domain: Option<Domain>,
     channel: Option<DomainChannel>,
@@ -425,8 +443,11 @@ impl Machine for LibvirtClone {
         let mut result = Ok(());
         if let Some(domain) = self.domain.take() {
             if let Err(e) = domain.destroy() {
-                if !e.code().is(ErrorNumber::NoDomain) && domain.is_active().unwrap_or(false) {
-                    result = Err(HypervisorError::libvirt(format!("destroy clone {}", self.name))(e));
+                // Unless the domain is gone, destroy it again through a new connection: the one it
+                // was restored on dies with libvirtd (restarted mid-run) while QEMU keeps running.
+                if !e.code().is(ErrorNumber::NoDomain) {
+                    tracing::warn!(clone = %self.name, "destroy failed ({}); trying again on a new connection", e.message());
+                    result = destroy_by_name(&self.uri, &self.name);
                 }
             }
         }
@@ -440,6 +461,31 @@ impl Machine for LibvirtClone {
             let _ = std::fs::remove_dir(run_dir);
         }
         result
+    }
+}
+
+/// How long teardown waits for libvirtd to answer again (restarted under a running cell).
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Destroys the domain `name` through a new connection to `uri`, waiting for libvirtd to come back
+/// if it is not running; a domain that is gone or no longer running is fine.
+fn destroy_by_name(uri: &str, name: &str) -> Result<(), HypervisorError> {
+    let started = Instant::now();
+    let conn = loop {
+        match open_connection(uri) {
+            Ok(conn) => break conn,
+            Err(e) if started.elapsed() > RECONNECT_DEADLINE => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let domain = match conn.lookup_domain_by_name(name) {
+        Ok(domain) => domain,
+        Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(()),
+        Err(e) => return Err(HypervisorError::libvirt(format!("find clone {name} to destroy it"))(e)),
+    };
+    match domain.destroy() {
+        Err(e) if !e.code().is(ErrorNumber::NoDomain) && domain.is_active().unwrap_or(true) => Err(HypervisorError::libvirt(format!("destroy clone {name}"))(e)),
+        _ => Ok(()),
     }
 }
 

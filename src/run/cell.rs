@@ -64,7 +64,12 @@ pub fn run_cell_observed(source: &dyn CloneSource, lab: &Lab, plan: &CellPlan<'_
             }
         }
         if let Err(e) = m.teardown() {
-            error.get_or_insert(format!("teardown: {e}"));
+            // Never hidden behind an earlier error: a clone that could not be destroyed is a leak.
+            tracing::error!(clone = %plan.clone_name, "teardown failed: {e}");
+            error = Some(match error.take() {
+                Some(earlier) => format!("{earlier}; teardown: {e}"),
+                None => format!("teardown: {e}"),
+            });
         }
         phases.push(Phase { name: "teardown".into(), ms: t.elapsed().as_millis() as u64 });
     }
