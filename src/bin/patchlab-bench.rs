@@ -143,7 +143,9 @@ fn run(args: Args) -> Res<()> {
     for i in 0..plan.cells {
         let source = ProbeSource { host: &host, golden: &golden, run_id: run_id.clone(), probe: Arc::new(Mutex::new(CellProbe::default())) };
         let cell_plan = patchlab::run::cell::CellPlan { platform: &platform.name, patch: &patch, clone_name: format!("patchlab-bench-{run_id}-cell{i}"), host: args.connect.clone() };
-        let result = patchlab::run::cell::run_cell(&source, &lab, &cell_plan, runtime.handle(), &cancel, &out.join("cell-evidence"));
+        let probe_phase = source.probe.clone();
+        let on_phase = move |name: &str| probe_phase.lock().unwrap().phase = name.to_string();
+        let result = patchlab::run::cell::run_cell_observed(&source, &lab, &cell_plan, runtime.handle(), &cancel, &out.join("cell-evidence"), &on_phase);
         let probe = source.probe.lock().unwrap().clone();
         if result.error.is_some() {
             return Err(format!("bench cell {i} broke: {:?}", result.error));
@@ -154,12 +156,14 @@ fn run(args: Args) -> Res<()> {
     }
 
     if args.cells_only {
-        let overhead: Vec<f64> = cells.iter().map(|(r, p)| 1.0 - p.exec_ms as f64 / r.duration_ms as f64).collect();
+        let overhead: Vec<f64> = cells.iter().map(|(r, p)| harness_overhead(r, p, false)).collect();
+        let overhead_with_burn_in: Vec<f64> = cells.iter().map(|(r, p)| harness_overhead(r, p, true)).collect();
         let v = json!({
             "load_average": loads, "cell_ms": stat(&cells.iter().map(|(r, _)| r.duration_ms).collect::<Vec<_>>()),
             "cell_guest_ms": stat(&cells.iter().map(|(_, p)| p.exec_ms).collect::<Vec<_>>()),
             "cell_poll_slack_ms": stat(&cells.iter().map(|(_, p)| p.poll_slack_ms).collect::<Vec<_>>()),
             "harness_overhead": fstat(&overhead),
+            "harness_overhead_burn_in_counted": fstat(&overhead_with_burn_in),
             "phases": cells.iter().map(|(r, _)| r.phases.iter().map(|p| (p.name.clone(), p.ms)).collect::<Vec<_>>()).collect::<Vec<_>>(),
         });
         std::fs::write(out.join("cells.json"), serde_json::to_string_pretty(&v).unwrap()).map_err(|e| e.to_string())?;
@@ -222,9 +226,13 @@ fn run(args: Args) -> Res<()> {
     let clone_rss = median(&cells.iter().map(|(_, p)| p.rss_bytes).collect::<Vec<_>>());
     let cold_vs_clone: Vec<f64> = cold.iter().zip(&clone).map(|(c, k)| *c as f64 / *k as f64).collect();
     let clone_vs_floor: Vec<f64> = clone.iter().zip(&floor).map(|(k, f)| *k as f64 / *f as f64).collect();
-    let overhead: Vec<f64> = cells.iter().map(|(r, p)| 1.0 - p.exec_ms as f64 / r.duration_ms as f64).collect();
-    let overhead_with_slack: Vec<f64> = cells.iter().map(|(r, p)| 1.0 - p.exec_ms.saturating_sub(p.poll_slack_ms) as f64 / r.duration_ms as f64).collect();
-    let phase_names = ["clone", "baseline", "deliver", "install", "checks", "remove", "fingerprint", "teardown"];
+    let overhead: Vec<f64> = cells.iter().map(|(r, p)| harness_overhead(r, p, false)).collect();
+    let overhead_with_burn_in: Vec<f64> = cells.iter().map(|(r, p)| harness_overhead(r, p, true)).collect();
+    let overhead_with_slack: Vec<f64> = cells.iter().map(|(r, p)| {
+        let (wall, guest) = cell_wall_and_guest(r, p, false);
+        1.0 - guest.saturating_sub(p.poll_slack_ms) as f64 / wall as f64
+    }).collect();
+    let phase_names = ["clone", "baseline", "deliver", "install", "checks", "burn-in", "remove", "fingerprint", "teardown"];
     let phase_stats: Vec<(String, Value)> = phase_names.iter().map(|n| (n.to_string(), stat(&cells.iter().filter_map(|(r, _)| r.phases.iter().find(|p| p.name == *n).map(|p| p.ms)).collect::<Vec<_>>()))).collect();
     let base = scaling[0].1.wall_ms as f64;
     let fixtures7_ms: Vec<u64> = fixtures7_runs.iter().map(|r| r.wall_ms).collect();
@@ -259,6 +267,7 @@ fn run(args: Args) -> Res<()> {
         "cell_guest_commands": stat(&cells.iter().map(|(_, p)| p.execs).collect::<Vec<_>>()),
         "harness_overhead": fstat(&overhead),
         "harness_overhead_with_poll_slack": fstat(&overhead_with_slack),
+        "harness_overhead_burn_in_counted": fstat(&overhead_with_burn_in),
         "image_bytes": image_bytes,
         "clone_disk_bytes": clone_disk,
         "clone_rss_bytes": clone_rss,
@@ -403,14 +412,33 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
+/// A cell's wall time and guest time. Unless `burn_in` is set, without the burn-in phase: the lab's
+/// deliberate wait between rounds of the same checks is neither guest work nor harness work (the
+/// harness target was set on cells without a burn-in).
+fn cell_wall_and_guest(r: &patchlab::report::CellResult, p: &CellProbe, burn_in: bool) -> (u64, u64) {
+    let burn_in_ms = if burn_in { 0 } else { r.phases.iter().filter(|ph| ph.name == "burn-in").map(|ph| ph.ms).sum() };
+    let guest = if burn_in { p.exec_ms } else { p.exec_ms.saturating_sub(p.burn_in_exec_ms) };
+    (r.duration_ms.saturating_sub(burn_in_ms).max(1), guest)
+}
+
+/// 1 − guest / wall, see [`cell_wall_and_guest`].
+fn harness_overhead(r: &patchlab::report::CellResult, p: &CellProbe, burn_in: bool) -> f64 {
+    let (wall, guest) = cell_wall_and_guest(r, p, burn_in);
+    1.0 - guest as f64 / wall as f64
+}
+
 // ---------------------------------------------------------------------------------------------
 // An instrumented cell: the real cell state machine on a real clone, with its agent channel timed
 // and the clone measured just before teardown.
 
 #[derive(Debug, Clone, Default)]
 struct CellProbe {
+    /// The cell's current phase (from `run_cell_observed`).
+    phase: String,
     /// Σ over guest commands of (guest-exec sent → exit seen): the guest's own work plus polling slack.
     exec_ms: u64,
+    /// The part of `exec_ms` seen during the burn-in phase.
+    burn_in_exec_ms: u64,
     /// Σ over guest commands of (last "still running" reply → exit seen): what polling may add.
     poll_slack_ms: u64,
     /// Time in guest-file-* requests (pushes, reads).
@@ -494,7 +522,11 @@ impl AgentChannel for TimedChannel {
                 if ret["exited"].as_bool() == Some(true) {
                     if let Some((start, last)) = running.remove(&pid) {
                         let mut p = self.probe.lock().unwrap();
-                        p.exec_ms += now.duration_since(start).as_millis() as u64;
+                        let ms = now.duration_since(start).as_millis() as u64;
+                        p.exec_ms += ms;
+                        if p.phase == "burn-in" {
+                            p.burn_in_exec_ms += ms;
+                        }
                         p.poll_slack_ms += now.duration_since(last).as_millis() as u64;
                         p.execs += 1;
                     }
@@ -594,8 +626,9 @@ fn table(r: &Value) -> String {
     rows.push((format!("  guest commands ({} per cell)", r["cell_guest_commands"]["median"]), ms(&r["cell_guest_ms"]), String::new()));
     rows.push(("    of which polling slack, at most".into(), ms(&r["cell_poll_slack_ms"]), String::new()));
     rows.push(("  file transfer through the agent".into(), ms(&r["cell_file_transfer_ms"]), String::new()));
-    rows.push(("  harness overhead (1 − guest / wall)".into(), format!("{:.0} % (min {:.0}, max {:.0})", overhead * 100.0, r["harness_overhead"]["min"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead"]["max"].as_f64().unwrap_or(0.0) * 100.0), format!("≤ 15 %: {}", verdict(overhead <= 0.15))));
+    rows.push(("  harness overhead (1 − guest / wall, burn-in phase left out)".into(), format!("{:.0} % (min {:.0}, max {:.0})", overhead * 100.0, r["harness_overhead"]["min"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead"]["max"].as_f64().unwrap_or(0.0) * 100.0), format!("≤ 15 %: {}", verdict(overhead <= 0.15))));
     rows.push(("  harness overhead, polling slack counted as harness".into(), format!("{:.0} % (min {:.0}, max {:.0})", r["harness_overhead_with_poll_slack"]["median"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead_with_poll_slack"]["min"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead_with_poll_slack"]["max"].as_f64().unwrap_or(0.0) * 100.0), String::new()));
+    rows.push(("  harness overhead, burn-in waits counted as harness".into(), format!("{:.0} % (min {:.0}, max {:.0})", r["harness_overhead_burn_in_counted"]["median"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead_burn_in_counted"]["min"].as_f64().unwrap_or(0.0) * 100.0, r["harness_overhead_burn_in_counted"]["max"].as_f64().unwrap_or(0.0) * 100.0), String::new()));
     let img = r["image_bytes"].as_f64().unwrap_or(0.0);
     let disk = r["clone_disk_bytes"].as_f64().unwrap_or(1.0).max(1.0);
     rows.push(("disk per clone after a cell (overlay) vs image".into(), format!("{} vs {} ({:.0}× smaller)", mib(&r["clone_disk_bytes"]), mib(&r["image_bytes"]), img / disk), format!("≥ 50×: {}", verdict(img / disk >= 50.0))));
