@@ -493,6 +493,9 @@ impl Machine for ProbedMachine {
         }
         self.inner.teardown()
     }
+    fn golden(&self) -> Option<&patchlab::hypervisor::golden::GoldenRef> {
+        self.inner.golden()
+    }
 }
 
 struct TimedChannel {

@@ -9,8 +9,10 @@
 //! symlinks under the watched unit directories, so they are `file` differences), `socket` (listening
 //! protocol and local address → state), `user`, `group`, and `module` (loaded kernel modules).
 //!
-//! A capture is one command in the guest (see [`collect::SCRIPT`]); [`diff`] is pure.
+//! A capture is one command in the guest (see [`collect::SCRIPT`]); [`diff`] is pure. The baseline
+//! is captured once per golden state and kept beside it ([`baseline`]).
 
+pub mod baseline;
 pub mod collect;
 
 use std::collections::BTreeMap;

@@ -158,7 +158,7 @@ impl LibvirtHost {
         let dir = self.dirs.clones().join(run_id).join(clone_name);
         std::fs::create_dir_all(&dir).map_err(HypervisorError::io(format!("create {}", dir.display())))?;
         // From here on the clone owns `dir`: dropping it on an early return removes everything.
-        let mut clone = LibvirtClone { name: clone_name.into(), uri: self.uri.clone(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log") };
+        let mut clone = LibvirtClone { name: clone_name.into(), uri: self.uri.clone(), dir: dir.clone(), domain: None, ports: vec![], channel: None, torn_down: false, console: dir.join("console.log"), golden: golden.reference() };
         // Refused before anything is written: the state copy and the overlay's growth must fit.
         let state_size = std::fs::metadata(golden.state_path()).map_err(HypervisorError::io(format!("read {}", golden.state_path().display())))?.len();
         super::check_room(&dir, super::available_bytes(&dir)?, state_size + super::CLONE_DISK_HEADROOM)?;
@@ -406,6 +406,7 @@ pub struct LibvirtClone {
     ports: Vec<(u16, u16)>,
     console: PathBuf,
     torn_down: bool,
+    golden: super::golden::GoldenRef,
 }
 
 impl LibvirtClone {
@@ -461,6 +462,10 @@ impl Machine for LibvirtClone {
             let _ = std::fs::remove_dir(run_dir);
         }
         result
+    }
+
+    fn golden(&self) -> Option<&super::golden::GoldenRef> {
+        Some(&self.golden)
     }
 }
 

@@ -122,6 +122,11 @@ pub trait Machine: Send + Sync {
     fn console_log(&self) -> Option<Vec<u8>>;
     /// Destroys the machine and removes its files. Idempotent.
     fn teardown(&mut self) -> Result<(), HypervisorError>;
+    /// The golden state this machine was restored from, when it is one this process can keep
+    /// derived data beside (the baseline fingerprint, `fingerprint::baseline`).
+    fn golden(&self) -> Option<&golden::GoldenRef> {
+        None
+    }
 }
 
 /// Where clones come from: one prepared golden state per platform.

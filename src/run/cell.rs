@@ -132,7 +132,8 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
         c.baseline.reason = Some(format!("failing before the patch, so not held against it: {}", not_working.join(", ")));
     }
     let fingerprint_spec = crate::fingerprint::FingerprintSpec::with_defaults(&lab.removal.watch, &lab.removal.allow).map_err(|e| Broke(format!("removal settings: {e}")))?;
-    let before = crate::fingerprint::capture(agent, &fingerprint_spec)?;
+    let (before, origin) = crate::fingerprint::baseline::baseline(agent, &fingerprint_spec, m.golden())?;
+    tracing::debug!(clone = m.name(), ?origin, "baseline fingerprint");
     phase("baseline", t);
     cancelled()?;
 
