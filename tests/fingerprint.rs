@@ -171,3 +171,31 @@ fn fingerprint_absorbs_noise_on_debian_13() {
 fn fingerprint_absorbs_noise_on_debian_11() {
     absorbs_noise("debian-11", "images/debian-11.toml");
 }
+
+/// The baseline kept beside a golden state (captured on one clone of it, `fingerprint::baseline`)
+/// is what another clone of it captures itself at the same point (restored, clock set): nothing
+/// differs but what the allowlist expects. This is what reusing it across clones rests on.
+#[test]
+fn a_kept_baseline_is_what_every_clone_of_its_golden_state_captures() {
+    for (platform, recipe) in [("debian-12", "images/debian-12.toml"), ("debian-13", "images/debian-13.toml"), ("debian-11", "images/debian-11.toml")] {
+        let Some(host) = common::host() else { return };
+        let golden = {
+            let run_id = new_run_id();
+            let _lock = RunLock::acquire(&host.dirs, &run_id).unwrap();
+            common::golden(&host, platform, recipe, &run_id).reference()
+        };
+        let spec = FingerprintSpec::with_defaults(&[], &[]).unwrap();
+        let mut kept = None;
+        on_clone(platform, recipe, |agent| {
+            let (fp, origin) = fingerprint::baseline::baseline(agent, &spec, Some(&golden)).expect("baseline");
+            eprintln!("{platform}: baseline {origin:?}, {} entries", fp.entries.len());
+            kept = Some(fp);
+        });
+        let kept = kept.expect("the first clone ran");
+        assert_eq!(fingerprint::baseline::load(&golden, &spec).as_ref(), Some(&kept), "{platform}: the baseline is kept beside the golden state");
+        on_clone(platform, recipe, |agent| {
+            let own = timed_capture(agent, &spec, platform, "on a fresh clone");
+            assert_no_differences(&kept, &own, &spec, &format!("{platform}: kept baseline vs a fresh clone's own capture"));
+        });
+    }
+}

@@ -91,7 +91,8 @@ pub const DEFAULT_ALLOW: &[&str] = &[
     // DHCP leases and logrotate's state change with time, not with patches.
     "file:/var/lib/dhcp/**",
     "file:/var/lib/logrotate/**",
-    // hwclock rewrites it whenever the clock is set (patchlab sets the clone's clock at restore).
+    // hwclock rewrites it whenever the RTC is set (the agent's guest-set-time does, patchlab's
+    // fallback when `date -s` cannot set a clone's clock at restore).
     "file:/etc/adjtime",
     // Deliberately absent: unit states (timers included: the images mask the drift-prone timers,
     // and a unit that changes state is what a leftover service looks like), sockets, packages,
