@@ -14,6 +14,13 @@ fn bin() -> PathBuf {
     assert_cmd::cargo::cargo_bin("patchlab")
 }
 
+/// `patchlab` with a TMPDIR of its own in `work` (the leak check requires it empty).
+fn cli(work: &Path) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env("TMPDIR", common::cli_tmpdir(work));
+    cmd
+}
+
 /// One platform × three patches; names sort in the order the cells run (jobs 1).
 fn write_lab(dir: &Path) -> PathBuf {
     let root = common::root();
@@ -78,13 +85,13 @@ fn an_interrupted_run_resumes_into_one_complete_report() {
     let lab = write_lab(work.path());
     let out = work.path().join("run");
     let keys = work.path().join("keys");
-    let keygen = Command::new(bin()).arg("keygen").arg("--out").arg(&keys).arg("--identity").arg("resume-test@patchlab").output().unwrap();
+    let keygen = cli(work.path()).arg("keygen").arg("--out").arg(&keys).arg("--identity").arg("resume-test@patchlab").output().unwrap();
     assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
 
     // 1. Start the run, wait for the first cell in the journal, interrupt it.
     let t0 = Instant::now();
     let stderr_path = work.path().join("first.stderr");
-    let mut child = Command::new(bin())
+    let mut child = cli(work.path())
         .current_dir(common::root())
         .arg("run")
         .arg(&lab)
@@ -137,16 +144,16 @@ fn an_interrupted_run_resumes_into_one_complete_report() {
     let first_session = report["run_id"].as_str().unwrap().to_string();
     let goldens = goldens_of(&host, &report);
     assert_eq!(goldens.len(), 1);
-    common::LeakCheck::new(&host, &first_session, &goldens.iter().collect::<Vec<_>>()).assert_clean();
+    common::LeakCheck::new(&host, &first_session, &goldens.iter().collect::<Vec<_>>()).with_tmpdir(&work.path().join("cli-tmp")).assert_clean();
 
     // 2. A fresh run into the same directory is refused: it would lose the unfinished run.
-    let again = Command::new(bin()).arg("run").arg(&lab).arg("--out").arg(&out).output().unwrap();
+    let again = cli(work.path()).arg("run").arg(&lab).arg("--out").arg(&out).output().unwrap();
     assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 
     // 3. Resume (the lab file comes from the journal) into one complete report.
     let t1 = Instant::now();
-    let resumed = Command::new(bin()).current_dir(common::root()).arg("run").arg("--resume").arg(&out).args(["--jobs", "1", "--ci", "--key"]).arg(keys.join("id_ed25519")).output().unwrap();
+    let resumed = cli(work.path()).current_dir(common::root()).arg("run").arg("--resume").arg(&out).args(["--jobs", "1", "--ci", "--key"]).arg(keys.join("id_ed25519")).output().unwrap();
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     eprintln!("resumed session: {:?}", t1.elapsed());
     let report = common::read_json(&out.join("report.json"));
@@ -169,10 +176,10 @@ fn an_interrupted_run_resumes_into_one_complete_report() {
         }
     }
     assert_eq!(journaled_cells(&out).len(), 3);
-    common::LeakCheck::new(&host, &sessions[0], &goldens.iter().collect::<Vec<_>>()).assert_clean();
+    common::LeakCheck::new(&host, &sessions[0], &goldens.iter().collect::<Vec<_>>()).with_tmpdir(&work.path().join("cli-tmp")).assert_clean();
     assert_eq!(goldens_of(&host, &report).len(), 1, "the same golden state");
 
-    let verify = Command::new(bin()).arg("verify").arg(out.join("report.json")).arg("--allowed-signers").arg(keys.join("allowed_signers")).output().unwrap();
+    let verify = cli(work.path()).arg("verify").arg(out.join("report.json")).arg("--allowed-signers").arg(keys.join("allowed_signers")).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
     assert!(out.join("junit.xml").exists());
 
@@ -180,7 +187,7 @@ fn an_interrupted_run_resumes_into_one_complete_report() {
     let mut text = std::fs::read_to_string(&lab).unwrap();
     text.push_str("# changed\n");
     std::fs::write(&lab, text).unwrap();
-    let refused = Command::new(bin()).arg("run").arg("--resume").arg(&out).output().unwrap();
+    let refused = cli(work.path()).arg("run").arg("--resume").arg(&out).output().unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("changed since the run began"), "{}", String::from_utf8_lossy(&refused.stderr));
 }
