@@ -12,6 +12,7 @@
 mod bench;
 mod lab;
 mod nightly;
+mod reaper;
 mod setup;
 mod test;
 
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "test" => test::run(rest),
         "setup" => setup::all(&repo_root()).map(|_| 0),
+        reaper::COMMAND => return ExitCode::from(reaper::run(rest)),
         "help" | "--help" | "-h" => {
             println!("usage: cargo xtask <lab [--out DIR] [LAB] | lab --nightly [--out DIR] [LAB...] | test [-- CARGO TEST ARGS] | bench [--quick] [--out DIR] | setup>");
             Ok(0)

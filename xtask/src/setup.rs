@@ -69,6 +69,12 @@ fn running(comm: &str) -> bool {
     std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
 }
 
+/// Whether every running libvirtd runs under xtask's reaper.
+fn libvirtd_reaped() -> bool {
+    let pids: Vec<u32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "libvirtd")).filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    !pids.is_empty() && pids.into_iter().all(crate::reaper::is_reaped)
+}
+
 fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
     let started = Instant::now();
     while !Path::new(path).exists() {
@@ -96,14 +102,16 @@ fn tcp_listening() -> bool {
     std::net::TcpStream::connect_timeout(&LIBVIRTD_TCP.parse().expect("address"), Duration::from_secs(1)).is_ok()
 }
 
-/// Starts virtlogd and libvirtd: with systemd when it runs the machine, directly otherwise.
+/// Starts virtlogd and libvirtd: with systemd when it runs the machine, directly otherwise, and then
+/// libvirtd under a reaper (see `reaper.rs`: QEMU's exit is not waited on by a slow PID 1).
 /// libvirtd also listens on TCP at 127.0.0.1 (see [`LIBVIRTD_CONF`]); a libvirtd running without
-/// that listener is restarted with it (its running domains survive a restart).
+/// that listener, or without systemd and not under a reaper, is restarted (its running domains
+/// survive a restart).
 pub fn daemons() -> Result<(), String> {
     let systemd = Path::new("/run/systemd/system").exists();
     for (daemon, socket) in [("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")] {
         let is_libvirtd = daemon == "libvirtd";
-        if running(daemon) && Path::new(socket).exists() && (!is_libvirtd || tcp_listening()) {
+        if running(daemon) && Path::new(socket).exists() && (!is_libvirtd || (tcp_listening() && (systemd || libvirtd_reaped()))) {
             continue;
         }
         if systemd {
@@ -116,13 +124,14 @@ pub fn daemons() -> Result<(), String> {
             run_ok(Command::new("systemctl").args(["start", daemon]))?;
         } else if is_libvirtd {
             if running(daemon) {
-                step("restarting libvirtd with a TCP listener on 127.0.0.1");
+                step("restarting libvirtd with a TCP listener on 127.0.0.1, under a reaper");
                 stop("libvirtd")?;
             } else {
                 step("starting libvirtd");
             }
             std::fs::write(LIBVIRTD_CONF, libvirtd_conf()).map_err(|e| format!("write {LIBVIRTD_CONF}: {e}"))?;
-            run_ok(Command::new(daemon).args(["-d", "--listen", "-f", LIBVIRTD_CONF]))?;
+            // In the foreground (no -d) under the reaper, which stays its parent.
+            crate::reaper::spawn(daemon, &["--listen", "-f", LIBVIRTD_CONF])?;
         } else {
             step(&format!("starting {daemon}"));
             run_ok(Command::new(daemon).arg("-d"))?;
