@@ -187,12 +187,12 @@ fn a_kept_baseline_is_what_every_clone_of_its_golden_state_captures() {
         let spec = FingerprintSpec::with_defaults(&[], &[]).unwrap();
         let mut kept = None;
         on_clone(platform, recipe, |agent| {
-            let (fp, origin) = fingerprint::baseline::baseline(agent, &spec, Some(&golden)).expect("baseline");
+            let (fp, origin) = fingerprint::baseline::baseline(agent, &spec, Some(&golden), "no checks").expect("baseline");
             eprintln!("{platform}: baseline {origin:?}, {} entries", fp.entries.len());
             kept = Some(fp);
         });
         let kept = kept.expect("the first clone ran");
-        assert_eq!(fingerprint::baseline::load(&golden, &spec).as_ref(), Some(&kept), "{platform}: the baseline is kept beside the golden state");
+        assert_eq!(fingerprint::baseline::load(&golden, &spec, "no checks").as_ref(), Some(&kept), "{platform}: the baseline is kept beside the golden state");
         on_clone(platform, recipe, |agent| {
             let own = timed_capture(agent, &spec, platform, "on a fresh clone");
             assert_no_differences(&kept, &own, &spec, &format!("{platform}: kept baseline vs a fresh clone's own capture"));

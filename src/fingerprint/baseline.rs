@@ -11,6 +11,10 @@
 //! digests are in the file and must equal the golden record's) and for the exact capture command
 //! (the script and the watched paths with their modes: `key` hashes them, and the file repeats
 //! the digest). Anything else, or a file that does not parse, and the baseline is captured again.
+//! The baseline checks run on the clone before the fingerprint is taken, and a `command` check
+//! may change the guest (`apt-get update`, a file it writes): so the kept baseline is also keyed
+//! by the lab's checks (`context`, a digest of their definitions, in lab order), and a lab with
+//! other checks captures and keeps its own.
 //! What it trusts beyond a per-cell capture: that the cache directory, like the golden states in
 //! it, is written only by patchlab (it is root's, and `golden.json` is trusted the same way).
 
@@ -47,10 +51,11 @@ pub enum Origin {
     Kept,
 }
 
-fn command_sha256(spec: &FingerprintSpec) -> String {
+/// sha256 of the capture command and of `context`, what ran on the clone before it.
+fn command_sha256(spec: &FingerprintSpec, context: &str) -> String {
     let req = request(spec);
     let mut h = Sha256::new();
-    for part in std::iter::once(&req.program).chain(&req.args) {
+    for part in std::iter::once(&req.program).chain(&req.args).chain(std::iter::once(&context.to_string())) {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -58,31 +63,31 @@ fn command_sha256(spec: &FingerprintSpec) -> String {
 }
 
 /// The file a baseline for `spec` is kept in beside `golden`.
-pub fn path(golden: &GoldenRef, spec: &FingerprintSpec) -> PathBuf {
-    golden.dir.join(format!("baseline-{}.json", &command_sha256(spec)[..16]))
+pub fn path(golden: &GoldenRef, spec: &FingerprintSpec, context: &str) -> PathBuf {
+    golden.dir.join(format!("baseline-{}.json", &command_sha256(spec, context)[..16]))
 }
 
 /// The kept baseline for `spec` on `golden`, if there is one that belongs to them.
-pub fn load(golden: &GoldenRef, spec: &FingerprintSpec) -> Option<Fingerprint> {
-    let text = std::fs::read(path(golden, spec)).ok()?;
+pub fn load(golden: &GoldenRef, spec: &FingerprintSpec, context: &str) -> Option<Fingerprint> {
+    let text = std::fs::read(path(golden, spec, context)).ok()?;
     let kept: Kept = serde_json::from_slice(&text).ok()?;
-    let belongs = kept.format == FORMAT && kept.golden_disk_sha256 == golden.disk_sha256 && kept.golden_state_sha256 == golden.state_sha256 && kept.command_sha256 == command_sha256(spec);
+    let belongs = kept.format == FORMAT && kept.golden_disk_sha256 == golden.disk_sha256 && kept.golden_state_sha256 == golden.state_sha256 && kept.command_sha256 == command_sha256(spec, context);
     belongs.then_some(kept.fingerprint)
 }
 
 /// Keeps `fingerprint` as the baseline for `spec` on `golden` (written whole, then renamed).
-pub fn store(golden: &GoldenRef, spec: &FingerprintSpec, fingerprint: &Fingerprint) -> std::io::Result<()> {
+pub fn store(golden: &GoldenRef, spec: &FingerprintSpec, context: &str, fingerprint: &Fingerprint) -> std::io::Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let kept = Kept {
         format: FORMAT,
         golden_disk_sha256: golden.disk_sha256.clone(),
         golden_state_sha256: golden.state_sha256.clone(),
-        command_sha256: command_sha256(spec),
+        command_sha256: command_sha256(spec, context),
         captured_at: jiff::Timestamp::now().to_string(),
         fingerprint: fingerprint.clone(),
     };
-    let to = path(golden, spec);
+    let to = path(golden, spec, context);
     // Cells of one golden state may store at once: each writes its own temporary file.
     let tmp = to.with_file_name(format!(".{}.{}.{}.json.tmp", to.file_stem().unwrap_or_default().to_string_lossy(), std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
     let written = std::fs::write(&tmp, serde_json::to_vec(&kept).expect("a fingerprint serializes")).and_then(|()| std::fs::rename(&tmp, &to));
@@ -92,16 +97,16 @@ pub fn store(golden: &GoldenRef, spec: &FingerprintSpec, fingerprint: &Fingerpri
     written
 }
 
-/// The baseline of a clone restored from `golden` just now (clock set, nothing else done): the
-/// kept one when there is one, else captured here and kept for the next clone.
-pub fn baseline(agent: &Agent<'_>, spec: &FingerprintSpec, golden: Option<&GoldenRef>) -> Result<(Fingerprint, Origin), AgentError> {
-    if let Some(kept) = golden.and_then(|g| load(g, spec)) {
+/// The baseline of a clone restored from `golden` just now (clock set, then only what `context`
+/// names has run): the kept one when there is one, else captured here and kept for the next clone.
+pub fn baseline(agent: &Agent<'_>, spec: &FingerprintSpec, golden: Option<&GoldenRef>, context: &str) -> Result<(Fingerprint, Origin), AgentError> {
+    if let Some(kept) = golden.and_then(|g| load(g, spec, context)) {
         return Ok((kept, Origin::Kept));
     }
     let fingerprint = capture(agent, spec)?;
     if let Some(golden) = golden {
-        if let Err(e) = store(golden, spec, &fingerprint) {
-            tracing::warn!(file = %path(golden, spec).display(), "cannot keep the baseline fingerprint for the next clones: {e}");
+        if let Err(e) = store(golden, spec, context, &fingerprint) {
+            tracing::warn!(file = %path(golden, spec, context).display(), "cannot keep the baseline fingerprint for the next clones: {e}");
         }
     }
     Ok((fingerprint, Origin::Captured))
@@ -128,11 +133,11 @@ mod tests {
         let g = golden(dir.path());
         let spec = FingerprintSpec::with_defaults(&[], &[]).unwrap();
         let first = guest();
-        let (fp, origin) = baseline(&Agent::new(&first, Default::default()), &spec, Some(&g)).unwrap();
+        let (fp, origin) = baseline(&Agent::new(&first, Default::default()), &spec, Some(&g), "checks").unwrap();
         assert_eq!((origin, first.commands().len()), (Origin::Captured, 1));
-        assert!(path(&g, &spec).exists());
+        assert!(path(&g, &spec, "checks").exists());
         let second = guest();
-        let (kept, origin) = baseline(&Agent::new(&second, Default::default()), &spec, Some(&g)).unwrap();
+        let (kept, origin) = baseline(&Agent::new(&second, Default::default()), &spec, Some(&g), "checks").unwrap();
         assert_eq!((origin, second.commands().len()), (Origin::Kept, 0), "no command in the guest");
         assert_eq!(kept, fp);
         // No temporary file left beside it.
@@ -140,7 +145,7 @@ mod tests {
         assert_eq!(names.len(), 1, "{names:?}");
         // Without a golden state to keep it beside, every clone captures.
         let third = guest();
-        assert_eq!(baseline(&Agent::new(&third, Default::default()), &spec, None).unwrap().1, Origin::Captured);
+        assert_eq!(baseline(&Agent::new(&third, Default::default()), &spec, None, "checks").unwrap().1, Origin::Captured);
     }
 
     #[test]
@@ -149,23 +154,26 @@ mod tests {
         let g = golden(dir.path());
         let spec = FingerprintSpec::with_defaults(&[], &[]).unwrap();
         let fp = Fingerprint { entries: [(super::super::collect::key("file", "/etc/x"), "file".to_string())].into(), capture_ms: 5 };
-        store(&g, &spec, &fp).unwrap();
-        assert_eq!(load(&g, &spec), Some(fp.clone()));
+        store(&g, &spec, "checks", &fp).unwrap();
+        assert_eq!(load(&g, &spec, "checks"), Some(fp.clone()));
+        // Other checks ran before it (a lab whose command check writes to the guest): not used.
+        assert_ne!(path(&g, &spec, "other checks"), path(&g, &spec, "checks"));
+        assert_eq!(load(&g, &spec, "other checks"), None);
         // Another golden state in the same directory (rebuilt, or a changed file): not used.
         for other in [GoldenRef { disk_sha256: "e".repeat(64), ..g.clone() }, GoldenRef { state_sha256: "t".repeat(64), ..g.clone() }] {
-            assert_eq!(load(&other, &spec), None);
+            assert_eq!(load(&other, &spec, "checks"), None);
         }
         // Another watch list: another file, and a file renamed to look like it is not used.
         let more = FingerprintSpec::with_defaults(&["/var/www".to_string()], &[]).unwrap();
-        assert_ne!(path(&g, &more), path(&g, &spec));
-        assert_eq!(load(&g, &more), None);
-        std::fs::copy(path(&g, &spec), path(&g, &more)).unwrap();
-        assert_eq!(load(&g, &more), None, "the file names its command");
+        assert_ne!(path(&g, &more, "checks"), path(&g, &spec, "checks"));
+        assert_eq!(load(&g, &more, "checks"), None);
+        std::fs::copy(path(&g, &spec, "checks"), path(&g, &more, "checks")).unwrap();
+        assert_eq!(load(&g, &more, "checks"), None, "the file names its command");
         // The allowlist does not change the capture: same file.
         let allowing = FingerprintSpec::with_defaults(&[], &["unit:*.timer".to_string()]).unwrap();
-        assert_eq!(load(&g, &allowing), Some(fp.clone()));
+        assert_eq!(load(&g, &allowing, "checks"), Some(fp.clone()));
         // A damaged file is captured again, not trusted.
-        std::fs::write(path(&g, &spec), b"{\"format\": 1").unwrap();
-        assert_eq!(load(&g, &spec), None);
+        std::fs::write(path(&g, &spec, "checks"), b"{\"format\": 1").unwrap();
+        assert_eq!(load(&g, &spec, "checks"), None);
     }
 }

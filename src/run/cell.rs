@@ -132,7 +132,9 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
         c.baseline.reason = Some(format!("failing before the patch, so not held against it: {}", not_working.join(", ")));
     }
     let fingerprint_spec = crate::fingerprint::FingerprintSpec::with_defaults(&lab.removal.watch, &lab.removal.allow).map_err(|e| Broke(format!("removal settings: {e}")))?;
-    let (before, origin) = crate::fingerprint::baseline::baseline(agent, &fingerprint_spec, m.golden())?;
+    // The baseline checks ran on this clone just before: a kept baseline is one taken after the same checks.
+    let checks_ran = format!("{:?}", lab.checks);
+    let (before, origin) = crate::fingerprint::baseline::baseline(agent, &fingerprint_spec, m.golden(), &checks_ran)?;
     tracing::debug!(clone = m.name(), ?origin, "baseline fingerprint");
     phase("baseline", t);
     cancelled()?;
