@@ -145,9 +145,8 @@ fn field(line: &str, key: &str) -> Option<String> {
 /// Waits until `marker` appears in the clone's console log (scripts write to /dev/ttyS0).
 fn wait_console(clone: &str, marker: &str, deadline: Duration) {
     let t = Instant::now();
-    let dirs = common::dirs();
     loop {
-        let found = std::fs::read_dir(dirs.clones()).into_iter().flatten().flatten().any(|run| std::fs::read(run.path().join(clone).join("console.log")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker)));
+        let found = console_files(clone).iter().any(|f| std::fs::read(f).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker)));
         if found {
             return;
         }
@@ -574,6 +573,27 @@ impl Drop for RestoreDaemons {
 /// PATCHLAB_DRILL_RESTART_LIBVIRTD=1.
 #[test]
 fn libvirtd_restarted_mid_run() {
+    restart_drill(None);
+}
+
+/// The same drill on a remote host (`qemu+tcp://127.0.0.1/system`, handled through the storage
+/// pool and streams): the run reconnects to it, and the clone of the lost connection is destroyed
+/// and its volumes deleted through a new one.
+#[test]
+fn libvirtd_restarted_mid_run_on_a_remote_host() {
+    restart_drill(Some("qemu+tcp://127.0.0.1/system"));
+}
+
+/// Where a clone's console log is while it runs: its clone directory, or its volume in a remote
+/// host's `patchlab` pool.
+fn console_files(clone: &str) -> Vec<PathBuf> {
+    let dirs = common::dirs();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dirs.clones()).into_iter().flatten().flatten().map(|run| run.path().join(clone).join("console.log")).collect();
+    files.extend(std::fs::read_dir(patchlab::hypervisor::remote::DEFAULT_POOL_DIR).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&format!("--{clone}-console.log")))));
+    files
+}
+
+fn restart_drill(remote: Option<&str>) {
     if std::env::var_os("PATCHLAB_DRILL_RESTART_LIBVIRTD").is_none() {
         eprintln!("SKIPPED: set PATCHLAB_DRILL_RESTART_LIBVIRTD=1 to restart the host's libvirtd mid-run (`cargo xtask test` does, alone)");
         return;
@@ -589,8 +609,12 @@ fn libvirtd_restarted_mid_run() {
     // One cell is installing when libvirtd goes; the next one starts after it is back.
     let lab = write_lab(dir.path(), &[("a-slow", "echo PATCHLAB-DRILL-SLOW > /dev/ttyS0; sleep 15", "true"), ("b-after", "true", "true")], "");
     let out = dir.path().join("out");
-    let run = spawn(&lab, &out, &["--jobs", "1"]);
-    let clone = run.clone_of("a-slow", Duration::from_secs(300));
+    let mut args = vec!["--jobs", "1"];
+    if let Some(uri) = remote {
+        args.extend(["--host", uri]);
+    }
+    let run = spawn(&lab, &out, &args);
+    let clone = run.clone_of("a-slow", Duration::from_secs(600));
     wait_console(&clone, "PATCHLAB-DRILL-SLOW", Duration::from_secs(180));
     // SAFETY: kill(2) on the pid of the process whose comm is libvirtd.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -621,6 +645,10 @@ fn libvirtd_restarted_mid_run() {
     assert_eq!(code, 3, "a cell in error: exit 3\n{log}");
     // Nothing leaked, without any cleaning up by the test: the run tore its clone down itself.
     let host = patchlab::hypervisor::libvirt::LibvirtHost::connect(common::URI, common::dirs()).unwrap();
-    common::LeakCheck::new(&host, &run_id, &[&golden]).with_tmpdir(&cli_tmp(&out)).assert_clean();
+    let mut leaks = common::LeakCheck::new(&host, &run_id, &[&golden]).with_tmpdir(&cli_tmp(&out));
+    if let Some(uri) = remote {
+        leaks = leaks.with_remote(uri);
+    }
+    leaks.assert_clean();
     drop(restore);
 }

@@ -475,14 +475,23 @@ const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
 /// Destroys the domain `name` through a new connection to `uri`, waiting for libvirtd to come back
 /// if it is not running; a domain that is gone or no longer running is fine.
 fn destroy_by_name(uri: &str, name: &str) -> Result<(), HypervisorError> {
+    destroy_by_name_on(&open_connection_waiting(uri)?, name)
+}
+
+/// Opens a connection to `uri`, waiting up to [`RECONNECT_DEADLINE`] for libvirtd to answer.
+pub(super) fn open_connection_waiting(uri: &str) -> Result<Connect, HypervisorError> {
     let started = Instant::now();
-    let conn = loop {
+    loop {
         match open_connection(uri) {
-            Ok(conn) => break conn,
+            Ok(conn) => return Ok(conn),
             Err(e) if started.elapsed() > RECONNECT_DEADLINE => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
-    };
+    }
+}
+
+/// Destroys the domain `name`; one that is gone or no longer running is fine.
+pub(super) fn destroy_by_name_on(conn: &Connect, name: &str) -> Result<(), HypervisorError> {
     let domain = match conn.lookup_domain_by_name(name) {
         Ok(domain) => domain,
         Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(()),

@@ -78,8 +78,8 @@ fn esc(s: &str) -> String {
 
 pub struct PoolHost {
     pub uri: String,
-    conn: Connect,
-    pool: StoragePool,
+    /// Opened again when it died (libvirtd restarted on the host): see [`PoolHost::session`].
+    session: std::sync::Mutex<(Connect, StoragePool)>,
     pool_dir: PathBuf,
     forward_ip: IpAddr,
     dirs: Dirs,
@@ -110,7 +110,31 @@ impl PoolHost {
         let forward_ip = (host.as_str(), 0).to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip()).ok_or_else(|| HypervisorError::Connect { uri: uri.into(), message: format!("cannot resolve `{host}`, where the checks reach forwarded ports") })?;
         let conn = super::libvirt::open_connection(uri)?;
         let (pool, pool_dir) = ensure_pool(&conn)?;
-        Ok(PoolHost { uri: uri.into(), conn, pool, pool_dir, forward_ip, dirs, orchestrator: orchestrator() })
+        Ok(PoolHost { uri: uri.into(), session: std::sync::Mutex::new((conn, pool)), pool_dir, forward_ip, dirs, orchestrator: orchestrator() })
+    }
+
+    /// The connection and the pool, opened again when libvirtd on the host was restarted (a clone
+    /// restored on the old connection loses its agent channel and is torn down through a new one).
+    /// When the host cannot be reached, the dead pair is returned and the next call reports it.
+    fn session(&self) -> (Connect, StoragePool) {
+        let mut session = self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !session.0.is_alive().unwrap_or(false) {
+            tracing::warn!(uri = %self.uri, "the connection to libvirt was lost (libvirtd restarted?); connecting again");
+            if let Ok(conn) = super::libvirt::open_connection(&self.uri) {
+                if let Ok((pool, _)) = ensure_pool(&conn) {
+                    *session = (conn, pool);
+                }
+            }
+        }
+        session.clone()
+    }
+
+    fn conn(&self) -> Connect {
+        self.session().0
+    }
+
+    fn pool(&self) -> StoragePool {
+        self.session().1
     }
 
     pub fn pool_dir(&self) -> &Path {
@@ -118,7 +142,7 @@ impl PoolHost {
     }
 
     fn vol(&self, name: &str) -> Option<StorageVol> {
-        self.pool.lookup_storage_vol_by_name(name).ok()
+        self.pool().lookup_storage_vol_by_name(name).ok()
     }
 
     fn vol_path(&self, vol: &StorageVol) -> Result<PathBuf, HypervisorError> {
@@ -126,7 +150,7 @@ impl PoolHost {
     }
 
     fn create_vol(&self, xml: &str, what: &str) -> Result<StorageVol, HypervisorError> {
-        StorageVol::create_xml(&self.pool, xml, 0).map_err(HypervisorError::libvirt(format!("create volume {what} on {}", self.uri)))
+        StorageVol::create_xml(&self.pool(), xml, 0).map_err(HypervisorError::libvirt(format!("create volume {what} on {}", self.uri)))
     }
 
     fn raw_vol(&self, name: &str, bytes: u64) -> Result<StorageVol, HypervisorError> {
@@ -153,7 +177,7 @@ impl PoolHost {
     /// Writes `data` into the volume at `offset` through a stream; the rest of the volume stays.
     fn upload(&self, vol: &StorageVol, offset: u64, len: u64, data: &mut dyn Read, what: &str) -> Result<(), HypervisorError> {
         let fail = HypervisorError::libvirt(format!("upload {what} to {}", self.uri));
-        let stream = Stream::new(&self.conn, 0).map_err(HypervisorError::libvirt("open a stream"))?;
+        let stream = Stream::new(&self.conn(), 0).map_err(HypervisorError::libvirt("open a stream"))?;
         vol.upload(&stream, offset, len, 0).map_err(HypervisorError::libvirt(format!("upload {what} to {}", self.uri)))?;
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -200,7 +224,7 @@ impl PoolHost {
     /// Reads `len` bytes (0: to the end) of a volume from `offset` into `sink`; returns the count.
     fn download(&self, vol: &StorageVol, offset: u64, len: u64, sink: &mut dyn Write, what: &str) -> Result<u64, HypervisorError> {
         let fail = HypervisorError::libvirt(format!("download {what} from {}", self.uri));
-        let stream = Stream::new(&self.conn, 0).map_err(HypervisorError::libvirt("open a stream"))?;
+        let stream = Stream::new(&self.conn(), 0).map_err(HypervisorError::libvirt("open a stream"))?;
         vol.download(&stream, offset, len, 0).map_err(HypervisorError::libvirt(format!("download {what} from {}", self.uri)))?;
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
@@ -344,7 +368,7 @@ impl PoolHost {
         };
         let spec = BootSpec { identity: identity.clone(), accel, memory_mib: image.recipe.memory_mib, vcpus: image.recipe.vcpus, kernel: Some((vols.kernel, vols.initrd, image.cmdline.clone())) };
         let xml = domain_xml::boot_xml(&spec, run_id, "golden");
-        let boot_ms = boot_warm_and_save(&self.conn, platform, &xml, &identity, &image.recipe.services, &self.vol_path(&state)?, cancel)?;
+        let boot_ms = boot_warm_and_save(&self.conn(), platform, &xml, &identity, &image.recipe.services, &self.vol_path(&state)?, cancel)?;
         let record = GoldenRecord {
             format: GOLDEN_FORMAT,
             platform: platform.into(),
@@ -384,7 +408,7 @@ impl PoolHost {
     /// then boots the image's kernel under KVM with `panic=-1` (as the local probe does) and uses
     /// KVM only if the domain is gone within the deadline. The outcome is cached per host.
     pub fn decide_accel(&self, choice: AccelChoice, image: Option<&BuiltImage>) -> Result<AccelDecision, HypervisorError> {
-        let offers_kvm = self.conn.domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0).is_ok();
+        let offers_kvm = self.conn().domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0).is_ok();
         match choice {
             AccelChoice::Tcg => return Ok(AccelDecision { accel: Accel::Tcg, reason: "tcg requested".into() }),
             AccelChoice::Kvm if offers_kvm => return Ok(AccelDecision { accel: Accel::Kvm, reason: "kvm requested".into() }),
@@ -393,7 +417,7 @@ impl PoolHost {
             AccelChoice::Auto => {}
         }
         let Some(image) = image else { return Ok(AccelDecision { accel: Accel::Tcg, reason: "no image kernel to probe KVM with".into() }) };
-        let version = format!("{}-{}", self.conn.lib_version().unwrap_or(0), self.conn.hyp_version().unwrap_or(0));
+        let version = format!("{}-{}", self.conn().lib_version().unwrap_or(0), self.conn().hyp_version().unwrap_or(0));
         let cache = self.dirs.root.join(format!("accel-probe-{}.json", hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(self.uri.as_bytes())[..8])));
         if let Some((v, accel, reason)) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<(String, Accel, String)>(&t).ok()) {
             if v == version {
@@ -408,7 +432,7 @@ impl PoolHost {
             esc(&vols.kernel.display().to_string())
         );
         let started = Instant::now();
-        let domain = self.conn.create_domain_xml(&xml, 0).map_err(HypervisorError::libvirt(format!("start the KVM probe on {}", self.uri)))?;
+        let domain = self.conn().create_domain_xml(&xml, 0).map_err(HypervisorError::libvirt(format!("start the KVM probe on {}", self.uri)))?;
         let mut finished = false;
         while started.elapsed() < PROBE_DEADLINE {
             if !domain.is_active().unwrap_or(false) {
@@ -431,7 +455,7 @@ impl PoolHost {
     pub fn restore_clone(&self, golden: &PoolGolden, run_id: &str, clone_name: &str, guest_ports: &[u16]) -> Result<PoolClone, HypervisorError> {
         assert!(clone_name.starts_with(NAME_PREFIX), "clone names start with {NAME_PREFIX}");
         let prefix = format!("clone-{}-{run_id}--{clone_name}", self.orchestrator);
-        let mut clone = PoolClone { name: clone_name.into(), conn: self.conn.clone(), pool: self.pool.clone(), uri: self.uri.clone(), volumes: vec![], domain: None, channel: None, ports: vec![], forward_ip: self.forward_ip, console: None, torn_down: false };
+        let mut clone = PoolClone { name: clone_name.into(), conn: self.conn(), pool: self.pool(), uri: self.uri.clone(), volumes: vec![], domain: None, channel: None, ports: vec![], forward_ip: self.forward_ip, console: None, torn_down: false };
         let disk_name = format!("{prefix}-disk.qcow2");
         clone.volumes.push(disk_name.clone());
         let disk = self.overlay_vol(&disk_name, &golden.record.disk, golden.disk_capacity)?;
@@ -453,9 +477,9 @@ impl PoolHost {
             let header = saveimage::encode_header_in_place(&golden.header, &xml)?;
             clone.volumes.push(state_name.clone());
             let state_xml = format!("<volume><name>{}</name><capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>", esc(&state_name));
-            let state = StorageVol::create_xml_from(&self.pool, &state_xml, &golden_state, 0).map_err(HypervisorError::libvirt(format!("copy the golden state for {clone_name} on {}", self.uri)))?;
+            let state = StorageVol::create_xml_from(&self.pool(), &state_xml, &golden_state, 0).map_err(HypervisorError::libvirt(format!("copy the golden state for {clone_name} on {}", self.uri)))?;
             self.upload(&state, 0, header.len() as u64, &mut &header[..], &format!("{clone_name}'s state header"))?;
-            let restored = self.conn.restore_domain_flags(&self.vol_path(&state)?.to_string_lossy(), None, virt::sys::VIR_DOMAIN_SAVE_RUNNING);
+            let restored = self.conn().restore_domain_flags(&self.vol_path(&state)?.to_string_lossy(), None, virt::sys::VIR_DOMAIN_SAVE_RUNNING);
             let _ = state.delete(0);
             clone.volumes.retain(|v| *v != state_name);
             match restored {
@@ -466,7 +490,7 @@ impl PoolHost {
                 Err(e) => return Err(HypervisorError::libvirt(format!("restore clone {clone_name} on {}", self.uri))(e)),
             }
         }
-        let domain = self.conn.lookup_domain_by_name(clone_name).map_err(HypervisorError::libvirt(format!("find restored clone {clone_name}")))?;
+        let domain = self.conn().lookup_domain_by_name(clone_name).map_err(HypervisorError::libvirt(format!("find restored clone {clone_name}")))?;
         clone.channel = Some(DomainChannel(domain.clone()));
         clone.domain = Some(domain);
         Ok(clone)
@@ -477,7 +501,7 @@ impl PoolHost {
     pub fn reap(&self) -> Result<Vec<String>, HypervisorError> {
         let mut reaped = Vec::new();
         let mine = format!("clone-{}-", self.orchestrator);
-        let domains = self.conn.list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
+        let domains = self.conn().list_all_domains(0).map_err(HypervisorError::libvirt("list domains"))?;
         for domain in domains {
             let Ok(name) = domain.name() else { continue };
             if !name.starts_with(NAME_PREFIX) {
@@ -495,7 +519,7 @@ impl PoolHost {
             let _ = domain.undefine();
             reaped.push(name);
         }
-        for name in self.pool.list_volumes().map_err(HypervisorError::libvirt("list volumes"))? {
+        for name in self.pool().list_volumes().map_err(HypervisorError::libvirt("list volumes"))? {
             let Some(run) = name.strip_prefix(&mine).and_then(|rest| rest.split_once("--")).map(|(run, _)| run.to_string()) else { continue };
             if !runlock::is_alive(&self.dirs, &run) {
                 self.delete_vol(&name);
@@ -508,9 +532,9 @@ impl PoolHost {
     /// The host's active CPUs and free memory, as its libvirt reports them. Free memory there
     /// excludes the page cache, so this errs on the side of fewer clones.
     pub fn facts(&self) -> Result<super::HostFacts, HypervisorError> {
-        let hostname = self.conn.hostname().map_err(HypervisorError::libvirt(format!("read the host name of {}", self.uri)))?;
-        let info = self.conn.node_info().map_err(HypervisorError::libvirt(format!("read the node info of {}", self.uri)))?;
-        let free = self.conn.free_memory().map_err(HypervisorError::libvirt(format!("read the free memory of {}", self.uri)))?;
+        let hostname = self.conn().hostname().map_err(HypervisorError::libvirt(format!("read the host name of {}", self.uri)))?;
+        let info = self.conn().node_info().map_err(HypervisorError::libvirt(format!("read the node info of {}", self.uri)))?;
+        let free = self.conn().free_memory().map_err(HypervisorError::libvirt(format!("read the free memory of {}", self.uri)))?;
         // The loopback transports reach this machine: count its memory the way local hosts do.
         let local = super::libvirt::local_hostname();
         let free_mib = if hostname == local || hostname.split('.').next() == Some(local.as_str()) { super::local_available_mib() } else { free >> 20 };
@@ -520,8 +544,8 @@ impl PoolHost {
     /// Volumes of this machine's clones on the host (what a leak check looks for).
     pub fn clone_volumes(&self) -> Result<Vec<String>, HypervisorError> {
         let mine = format!("clone-{}-", self.orchestrator);
-        let _ = self.pool.refresh(0);
-        Ok(self.pool.list_volumes().map_err(HypervisorError::libvirt("list volumes"))?.into_iter().filter(|n| n.starts_with(&mine)).collect())
+        let _ = self.pool().refresh(0);
+        Ok(self.pool().list_volumes().map_err(HypervisorError::libvirt("list volumes"))?.into_iter().filter(|n| n.starts_with(&mine)).collect())
     }
 }
 
@@ -611,8 +635,19 @@ impl Machine for PoolClone {
         let mut result = Ok(());
         if let Some(domain) = self.domain.take() {
             if let Err(e) = domain.destroy() {
-                if !e.code().is(ErrorNumber::NoDomain) && domain.is_active().unwrap_or(false) {
-                    result = Err(HypervisorError::libvirt(format!("destroy clone {} on {}", self.name, self.uri))(e));
+                // Unless the domain is gone, destroy it again through a new connection: the one it
+                // was restored on dies with libvirtd (restarted on the host) while QEMU keeps running.
+                if !e.code().is(ErrorNumber::NoDomain) {
+                    tracing::warn!(clone = %self.name, "destroy failed ({}); trying again on a new connection", e.message());
+                    match super::libvirt::open_connection_waiting(&self.uri) {
+                        Ok(conn) => {
+                            result = super::libvirt::destroy_by_name_on(&conn, &self.name);
+                            if let Ok((pool, _)) = ensure_pool(&conn) {
+                                (self.conn, self.pool) = (conn, pool);
+                            }
+                        }
+                        Err(e) => result = Err(e),
+                    }
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the whole suite, real-guest tests included, on a machine it sets up itself.
 //!
 //! Two phases: the suite with `cargo test` (tests in parallel), then, alone, the drills that would
-//! disturb anything running beside them: today `libvirtd_restarted_mid_run`, which restarts the
-//! host's libvirtd. Both count towards the exit code.
+//! disturb anything running beside them: today the two `libvirtd_restarted_mid_run` drills (a
+//! local and a remote host), which restart the host's libvirtd. Both phases count towards the
+//! exit code.
 
 use std::process::Command;
 
@@ -10,7 +11,10 @@ use crate::{repo_root, run_status, setup, step};
 
 /// Drills run one at a time after the suite, each enabled by its environment variable:
 /// (test target, test name, variable).
-const EXCLUSIVE: &[(&str, &str, &str)] = &[("drills", "libvirtd_restarted_mid_run", "PATCHLAB_DRILL_RESTART_LIBVIRTD")];
+const EXCLUSIVE: &[(&str, &str, &str)] = &[
+    ("drills", "libvirtd_restarted_mid_run", "PATCHLAB_DRILL_RESTART_LIBVIRTD"),
+    ("drills", "libvirtd_restarted_mid_run_on_a_remote_host", "PATCHLAB_DRILL_RESTART_LIBVIRTD"),
+];
 
 pub fn run(args: &[String]) -> Result<u8, String> {
     let root = repo_root();
