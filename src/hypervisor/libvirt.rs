@@ -87,6 +87,7 @@ impl LibvirtHost {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn golden(&self, platform: &str, dir: &Path, origin: GoldenOrigin, boot: BootPlan, accel: Accel, run_id: &str, cancel: &CancellationToken) -> Result<Golden, HypervisorError> {
         self.golden_with(platform, dir, origin, boot, accel, run_id, cancel, || Ok(()))
     }

@@ -267,7 +267,7 @@ fn run_conditions(lab: &Lab, plan: &CellPlan<'_>, m: &dyn Machine, agent: &Agent
 fn keep_evidence(data: &[u8], dir: &Path, name: &str) -> Option<EvidenceRef> {
     use sha2::{Digest, Sha256};
     std::fs::create_dir_all(dir).ok()?;
-    std::fs::write(dir.join(name), &data).ok()?;
+    std::fs::write(dir.join(name), data).ok()?;
     let rel = format!("{}/{name}", dir.file_name()?.to_string_lossy());
     Some(EvidenceRef { path: rel, sha256: hex::encode(Sha256::digest(data)), bytes: data.len() as u64 })
 }
