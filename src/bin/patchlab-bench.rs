@@ -640,8 +640,8 @@ fn table(r: &Value) -> String {
         rows.push((format!("scaling: {} ({} cells), {} at once", r["scaling_lab"].as_str().unwrap_or(""), s["cells"], s["jobs"]), format!("{:.1} s, speed-up {:.2}×", s["wall_ms"].as_f64().unwrap_or(0.0) / 1000.0, s["speedup"].as_f64().unwrap_or(0.0)), String::new()));
     }
     rows.push(("labs/default.toml, images warm".into(), ms(&r["default_lab_ms"]), String::new()));
-    let fixtures_s = r["fixtures_lab_ms"]["median"].as_f64().unwrap_or(0.0) / 1000.0;
-    rows.push((format!("labs/fixtures.toml ({} cells, reboot cells included)", r["fixtures_lab_cells"]), ms(&r["fixtures_lab_ms"]), format!("≤ 90 s: {}", verdict(fixtures_s <= 90.0))));
+    // The 90 s target is for 3 × 7 (no reboot cells), the rows below; each reboot cell is a cold boot.
+    rows.push((format!("labs/fixtures.toml ({} cells, reboot cells included)", r["fixtures_lab_cells"]), ms(&r["fixtures_lab_ms"]), "(target: 3 × 7, below)".into()));
     if r["fixtures7_lab_ms"].is_object() {
         let s = r["fixtures7_lab_ms"]["median"].as_f64().unwrap_or(0.0) / 1000.0;
         rows.push(("fixtures 3 × 7 (without needs-reboot), 2 at once".into(), ms(&r["fixtures7_lab_ms"]), format!("≤ 90 s: {}", verdict(s <= 90.0))));
