@@ -551,6 +551,15 @@ fn start_libvirtd(argv: &[String]) {
     }
 }
 
+/// What started libvirtd `pid` with `argv`: xtask's reaper (`xtask __reap libvirtd ...`, see
+/// xtask/src/reaper.rs) when it is its parent, so that it is started again under a reaper; else
+/// libvirtd's own command line.
+fn launcher(pid: i32, argv: &[String]) -> Vec<String> {
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string)));
+    let parent_argv: Vec<String> = parent.and_then(|ppid| std::fs::read(format!("/proc/{ppid}/cmdline")).ok()).map(|c| c.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()).unwrap_or_default();
+    if parent_argv.get(1).map(String::as_str) == Some("__reap") && parent_argv[2..] == argv[..] { parent_argv } else { argv.to_vec() }
+}
+
 /// Whatever the drill does, libvirtd (as it was started) and virtlogd run again afterwards.
 struct RestoreDaemons(Vec<String>);
 
@@ -603,7 +612,8 @@ fn restart_drill(remote: Option<&str>) {
     let golden = common::golden(&host, "debian-12", "images/debian-12.toml", &setup);
     let (pid, argv) = libvirtd().expect("a running libvirtd");
     eprintln!("libvirtd {pid} runs as {argv:?}");
-    let restore = RestoreDaemons(argv.clone());
+    let start = launcher(pid, &argv);
+    let restore = RestoreDaemons(start.clone());
     let t = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     // One cell is installing when libvirtd goes; the next one starts after it is back.
@@ -622,7 +632,7 @@ fn restart_drill(remote: Option<&str>) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let down = Instant::now();
-    start_libvirtd(&argv);
+    start_libvirtd(&start);
     eprintln!("libvirtd down and back in {:?}", down.elapsed());
     let (again, argv_again) = libvirtd().expect("libvirtd runs again");
     assert_eq!(argv_again, argv, "libvirtd {again} runs exactly as before");

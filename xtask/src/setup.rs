@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{run_ok, step};
+use crate::{run_ok, run_status, step};
 
 /// Debian packages the lab needs. On bookworm they come from bookworm-backports, because the
 /// machine's qemu-utils does (LAB-NOTES.md); elsewhere from the default suite.
@@ -65,13 +65,26 @@ pub fn packages() -> Result<(), String> {
     apt(&rest)
 }
 
+/// Pids of the live processes named `comm`. An exited process whose parent has not reaped it yet
+/// (a zombie: PID 1 may take seconds) still has its name but runs nothing, so it does not count.
+fn pids_of(comm: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+        .filter(|e| !std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 fn running(comm: &str) -> bool {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+    !pids_of(comm).is_empty()
 }
 
 /// Whether every running libvirtd runs under xtask's reaper.
 fn libvirtd_reaped() -> bool {
-    let pids: Vec<u32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "libvirtd")).filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    let pids: Vec<u32> = pids_of("libvirtd").iter().filter_map(|p| p.parse().ok()).collect();
     !pids.is_empty() && pids.into_iter().all(crate::reaper::is_reaped)
 }
 
@@ -152,15 +165,25 @@ pub fn daemons() -> Result<(), String> {
 
 /// Stops a daemon started without systemd and waits until it is gone.
 fn stop(comm: &str) -> Result<(), String> {
-    let pids: Vec<String> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    // The shell's own `kill`: procps may not be installed.
-    run_ok(Command::new("sh").args(["-c", &format!("kill -TERM {}", pids.join(" "))]))?;
-    let started = Instant::now();
-    while running(comm) {
-        if started.elapsed() > Duration::from_secs(30) {
-            return Err(format!("{comm} did not stop within 30 s"));
+    // The shell's own `kill`: procps may not be installed. libvirtd shuts down gracefully on
+    // SIGTERM (its domains keep running); one that has not stopped after 30 s gets SIGKILL, which
+    // is as safe for the domains, since libvirtd reconnects to them when it starts again.
+    for (signal, wait) in [("TERM", 30), ("KILL", 10)] {
+        let pids = pids_of(comm);
+        if pids.is_empty() {
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if signal == "KILL" {
+            step(&format!("{comm} did not stop within 30 s of SIGTERM; sending SIGKILL"));
+        }
+        let _ = run_status(Command::new("sh").args(["-c", &format!("kill -{signal} {} 2>/dev/null", pids.join(" "))]));
+        let started = Instant::now();
+        while running(comm) && started.elapsed() < Duration::from_secs(wait) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if running(comm) {
+        return Err(format!("{comm} did not stop, even after SIGKILL"));
     }
     Ok(())
 }
