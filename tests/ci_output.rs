@@ -26,6 +26,8 @@ fn ci_logs_are_plain_and_json_logs_are_json_lines() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "an unreachable libvirt is the lab's fault: {stderr}");
     assert!(stderr.contains("run started"), "{stderr}");
+    // libvirt is reached before any image is built: a host that is down costs no debootstrap.
+    assert!(!work.path().join("cache/images").exists(), "an image was built before libvirt was reached: {stderr}");
     assert!(!stderr.chars().any(|c| c.is_control() && c != '\n'), "control characters in CI logs: {stderr:?}");
     let lines = std::fs::read_to_string(&json).unwrap();
     assert!(!lines.is_empty());

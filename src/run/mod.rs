@@ -443,6 +443,9 @@ struct PreparedHost {
 }
 
 fn prepare_host(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run_id: &str, cancel: &CancellationToken) -> Result<PreparedHost, RunError> {
+    // Reach libvirt before building any image: a host that is down must not cost minutes of
+    // debootstrap before it is reported.
+    let (remote_host, local_host) = if remote::is_remote(uri) { (Some(PoolHost::connect(uri, dirs.clone())?), None) } else { (None, Some(LibvirtHost::connect(uri, dirs.clone())?)) };
     let mut images = Vec::new();
     for platform in &lab.platforms {
         if let PlatformSource::Image(recipe) = &platform.source {
@@ -454,8 +457,7 @@ fn prepare_host(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run_id: 
         crate::hypervisor::clean::mark_used(&image.dir);
     }
     let image_of = |name: &str| images.iter().find(|(n, _)| n == name).map(|(_, i)| i);
-    let (goldens, records) = if remote::is_remote(uri) {
-        let host = PoolHost::connect(uri, dirs.clone())?;
+    let (goldens, records) = if let Some(host) = remote_host {
         let reaped = host.reap()?;
         if !reaped.is_empty() {
             tracing::warn!(host = uri, ?reaped, "removed leftovers of runs that are no longer alive");
@@ -480,7 +482,7 @@ fn prepare_host(lab: &Lab, dirs: &Dirs, uri: &str, choice: AccelChoice, run_id: 
         }
         ((HostGoldens::Remote(host, map), decision), records)
     } else {
-        let host = LibvirtHost::connect(uri, dirs.clone())?;
+        let host = local_host.expect("connected above");
         let reaped = host.reap()?;
         if !reaped.is_empty() {
             tracing::warn!(?reaped, "removed leftovers of runs that are no longer alive");
