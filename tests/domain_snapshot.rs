@@ -76,7 +76,8 @@ fn a_users_domain_snapshot_is_a_platform() {
     )
     .unwrap();
     let out = user.dir.path().join("run");
-    let output = assert_cmd::Command::cargo_bin("patchlab").unwrap().args(["run"]).arg(&lab).arg("--out").arg(&out).arg("--accel").arg(accel.as_str()).output().unwrap();
+    let tmpdir = common::cli_tmpdir(user.dir.path());
+    let output = assert_cmd::Command::cargo_bin("patchlab").unwrap().env("TMPDIR", &tmpdir).args(["run"]).arg(&lab).arg("--out").arg(&out).arg("--accel").arg(accel.as_str()).output().unwrap();
     assert!(out.join("report.json").exists(), "no report; stderr: {}", String::from_utf8_lossy(&output.stderr));
     let report = common::read_json(&out.join("report.json"));
     assert_eq!(output.status.code(), Some(0), "stderr: {}\nreport: {report:#}", String::from_utf8_lossy(&output.stderr));
@@ -89,7 +90,7 @@ fn a_users_domain_snapshot_is_a_platform() {
     assert!(virsh(&["snapshot-list", "--name", &name]).contains("before-patch"));
     let golden_dir = std::fs::read_dir(host.dirs.golden()).unwrap().flatten().map(|e| e.path()).find(|p| patchlab::hypervisor::golden::Golden::load(p).ok().flatten().is_some_and(|g| g.record.state_sha256 == report["platforms"][0]["golden_state_sha256"].as_str().unwrap())).expect("golden of the snapshot");
     let golden = patchlab::hypervisor::golden::Golden::load(&golden_dir).unwrap().unwrap();
-    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).assert_clean();
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).with_tmpdir(&tmpdir).assert_clean();
     // Goldens of throwaway test domains are not worth keeping in the cache.
     let _ = std::fs::remove_dir_all(&golden_dir);
 }

@@ -31,7 +31,9 @@ fn cell<'a>(report: &'a Value, platform: &str, patch: &str) -> &'a Value {
 fn the_fixtures_lab_tells_each_kind_of_bad_patch_from_a_good_one() {
     let Some(host) = common::host() else { return };
     let out = tempfile::tempdir().unwrap();
-    let output = Command::cargo_bin("patchlab").unwrap().current_dir(common::root()).args(["run", "labs/fixtures.toml", "--out"]).arg(out.path()).output().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let tmpdir = common::cli_tmpdir(scratch.path());
+    let output = Command::cargo_bin("patchlab").unwrap().env("TMPDIR", &tmpdir).current_dir(common::root()).args(["run", "labs/fixtures.toml", "--out"]).arg(out.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(out.path().join("report.json").exists(), "no report; stderr: {stderr}");
     let report = common::read_json(&out.path().join("report.json"));
@@ -77,5 +79,5 @@ fn the_fixtures_lab_tells_each_kind_of_bad_patch_from_a_good_one() {
 
     let goldens: Vec<_> = std::fs::read_dir(host.dirs.golden()).unwrap().flatten().filter_map(|e| patchlab::hypervisor::golden::Golden::load(&e.path()).ok().flatten()).filter(|g| report["platforms"].as_array().unwrap().iter().any(|p| p["golden_state_sha256"] == g.record.state_sha256.as_str())).collect();
     assert_eq!(goldens.len(), PLATFORMS.len());
-    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &goldens.iter().collect::<Vec<_>>()).assert_clean();
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &goldens.iter().collect::<Vec<_>>()).with_tmpdir(&tmpdir).assert_clean();
 }

@@ -32,7 +32,8 @@ fn a_real_bookworm_security_update_qualifies_as_an_upgrade() {
     )
     .unwrap();
     let out = dir.path().join("run");
-    let output = Command::cargo_bin("patchlab").unwrap().args(["run"]).arg(&lab).arg("--out").arg(&out).output().unwrap();
+    let tmpdir = common::cli_tmpdir(dir.path());
+    let output = Command::cargo_bin("patchlab").unwrap().env("TMPDIR", &tmpdir).args(["run"]).arg(&lab).arg("--out").arg(&out).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(out.join("report.json").exists(), "no report; stderr: {stderr}");
     let report = common::read_json(&out.join("report.json"));
@@ -46,5 +47,5 @@ fn a_real_bookworm_security_update_qualifies_as_an_upgrade() {
     let installed = &cell["conditions"]["install"]["commands"][0]["stdout"]["text"];
     assert!(installed.as_str().unwrap_or_default().contains("over ("), "dpkg upgraded an installed version: {installed}");
     let golden = std::fs::read_dir(host.dirs.golden()).unwrap().flatten().filter_map(|e| patchlab::hypervisor::golden::Golden::load(&e.path()).ok().flatten()).find(|g| report["platforms"][0]["golden_state_sha256"] == g.record.state_sha256.as_str()).unwrap();
-    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).assert_clean();
+    common::LeakCheck::new(&host, report["run_id"].as_str().unwrap(), &[&golden]).with_tmpdir(&tmpdir).assert_clean();
 }
