@@ -222,11 +222,17 @@ pub struct Agent<'a> {
 /// a 2-core host emulating several guests under TCG has been seen to take over 10 s.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// guest-exec-status polling: fast at first (most commands finish in well under a second), then
-/// backing off. The slack this adds to every command (exit to the poll that sees it) was measured
-/// at up to 2-2.7 s per cell with a 200 ms cap (`cargo xtask bench`, docs/performance.md).
-const POLL_START: Duration = Duration::from_millis(10);
-const POLL_MAX: Duration = Duration::from_millis(80);
+/// guest-exec-status polling: every 15 ms for a command's first 300 ms (most of a cell's commands
+/// finish within it), every 40 ms up to 3 s, then every 80 ms. The slack this adds to a command (its
+/// exit to the poll that sees it) was about 1 s per cell when polls started at 10 ms and doubled up to
+/// 80 ms (`cargo xtask bench`, docs/performance.md); a poll costs the guest a few milliseconds.
+fn poll_interval(elapsed: Duration) -> Duration {
+    match elapsed.as_millis() {
+        0..300 => Duration::from_millis(15),
+        300..3000 => Duration::from_millis(40),
+        _ => Duration::from_millis(80),
+    }
+}
 
 impl<'a> Agent<'a> {
     pub fn new(channel: &'a dyn AgentChannel, cancel: CancellationToken) -> Self {
@@ -377,7 +383,6 @@ impl<'a> Agent<'a> {
         let started = Instant::now();
         let ret = self.request("guest-exec", Some(json!({ "path": program, "arg": args, "capture-output": true })), REPLY_TIMEOUT)?;
         let pid = ret.get("pid").and_then(Value::as_i64).ok_or(AgentError::Malformed { command: "guest-exec", reason: "no numeric pid".into() })?;
-        let mut poll = POLL_START;
         loop {
             let status = self.request("guest-exec-status", Some(json!({ "pid": pid })), REPLY_TIMEOUT)?;
             let exited = status.get("exited").and_then(Value::as_bool).ok_or(AgentError::Malformed { command: "guest-exec-status", reason: "no boolean `exited`".into() })?;
@@ -403,8 +408,7 @@ impl<'a> Agent<'a> {
                 let _ = self.request("guest-exec", Some(kill), Duration::from_secs(5));
                 return Err(AgentError::Deadline { program: req.command_line(), deadline: req.deadline });
             }
-            std::thread::sleep(poll);
-            poll = (poll * 2).min(POLL_MAX);
+            std::thread::sleep(poll_interval(started.elapsed()));
         }
     }
 
