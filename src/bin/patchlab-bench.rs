@@ -144,7 +144,13 @@ fn run(args: Args) -> Res<()> {
         let source = ProbeSource { host: &host, golden: &golden, run_id: run_id.clone(), probe: Arc::new(Mutex::new(CellProbe::default())) };
         let cell_plan = patchlab::run::cell::CellPlan { platform: &platform.name, patch: &patch, clone_name: format!("patchlab-bench-{run_id}-cell{i}"), host: args.connect.clone() };
         let probe_phase = source.probe.clone();
-        let on_phase = move |name: &str| probe_phase.lock().unwrap().phase = name.to_string();
+        let cell_started = Instant::now();
+        probe_phase.lock().unwrap().origin = Some(cell_started);
+        let on_phase = move |name: &str| {
+            let mut p = probe_phase.lock().unwrap();
+            p.phase = name.to_string();
+            p.note(Instant::now(), 0.0, format!("phase {name}"));
+        };
         let result = patchlab::run::cell::run_cell_observed(&source, &lab, &cell_plan, runtime.handle(), &cancel, &out.join("cell-evidence"), &on_phase);
         let probe = source.probe.lock().unwrap().clone();
         if result.error.is_some() {
@@ -165,6 +171,7 @@ fn run(args: Args) -> Res<()> {
             "harness_overhead": fstat(&overhead),
             "harness_overhead_burn_in_counted": fstat(&overhead_with_burn_in),
             "phases": cells.iter().map(|(r, _)| r.phases.iter().map(|p| (p.name.clone(), p.ms)).collect::<Vec<_>>()).collect::<Vec<_>>(),
+            "timelines": cells.iter().map(|(_, p)| &p.timeline).collect::<Vec<_>>(),
         });
         std::fs::write(out.join("cells.json"), serde_json::to_string_pretty(&v).unwrap()).map_err(|e| e.to_string())?;
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
@@ -446,6 +453,27 @@ struct CellProbe {
     execs: u64,
     disk_bytes: u64,
     rss_bytes: u64,
+    /// Every agent request and phase change, in order: where a cell's time goes.
+    timeline: Vec<Event>,
+    /// When the cell began (its first phase), the origin of `timeline`.
+    origin: Option<Instant>,
+}
+
+/// One entry of a cell's timeline: milliseconds since the cell began.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Event {
+    at_ms: f64,
+    ms: f64,
+    phase: String,
+    what: String,
+}
+
+impl CellProbe {
+    fn note(&mut self, at: Instant, ms: f64, what: String) {
+        let origin = *self.origin.get_or_insert(at);
+        let at_ms = at.saturating_duration_since(origin).as_secs_f64() * 1000.0;
+        self.timeline.push(Event { at_ms: (at_ms * 10.0).round() / 10.0, ms: (ms * 10.0).round() / 10.0, phase: self.phase.clone(), what });
+    }
 }
 
 struct ProbeSource<'a> {
@@ -513,6 +541,14 @@ impl AgentChannel for TimedChannel {
         let req: Value = serde_json::from_str(request).unwrap_or(Value::Null);
         let rep: Value = serde_json::from_str(&reply).unwrap_or(Value::Null);
         let ret = &rep["return"];
+        {
+            let what = match req["execute"].as_str().unwrap_or("") {
+                "guest-exec" => format!("guest-exec {} {}", req["arguments"]["path"].as_str().unwrap_or(""), req["arguments"]["arg"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default().chars().take(60).collect::<String>()),
+                "guest-exec-status" => format!("guest-exec-status exited={}", ret["exited"]),
+                other => other.to_string(),
+            };
+            self.probe.lock().unwrap().note(sent, now.duration_since(sent).as_secs_f64() * 1000.0, what);
+        }
         match req["execute"].as_str().unwrap_or("") {
             "guest-exec" => {
                 if let Some(pid) = ret["pid"].as_i64() {
