@@ -21,7 +21,7 @@ pub fn run(args: &[String]) -> Result<u8, String> {
     // Also builds patchlab-bench: it is a binary of the patchlab package.
     setup::all(&root)?;
     let bin = setup::patchlab_bin(&root).with_file_name("patchlab-bench");
-    step(&format!("benchmarking ({}) into {out}", if quick { "--quick, about 13 minutes idle" } else { "full, about 50 minutes idle" }));
+    step(&format!("benchmarking ({}) into {out}", if quick { "--quick, about 5 minutes idle" } else { "full, about 16 minutes idle" }));
     let mut cmd = Command::new(&bin);
     cmd.current_dir(&root).arg("--out").arg(&out);
     if quick {

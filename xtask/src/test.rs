@@ -9,8 +9,8 @@ use std::process::Command;
 
 use crate::{repo_root, run_status, setup, step};
 
-/// Drills run one at a time after the suite, each enabled by its environment variable:
-/// (test target, test name, variable).
+/// Drills run one at a time after the suite: `#[ignore]`d in it, run here with `--ignored` and
+/// their environment variable (a second guard): (test target, test name, variable).
 const EXCLUSIVE: &[(&str, &str, &str)] = &[
     ("drills", "libvirtd_restarted_mid_run", "PATCHLAB_DRILL_RESTART_LIBVIRTD"),
     ("drills", "libvirtd_restarted_mid_run_on_a_remote_host", "PATCHLAB_DRILL_RESTART_LIBVIRTD"),
@@ -40,7 +40,7 @@ pub fn run(args: &[String]) -> Result<u8, String> {
         let drill = run_status(
             Command::new(env!("CARGO"))
                 .current_dir(&root)
-                .args(["test", "--test", target, "--", "--exact", name, "--nocapture"])
+                .args(["test", "--test", target, "--", "--ignored", "--exact", name, "--nocapture"])
                 .env("PATCHLAB_REQUIRE_LAB", "1")
                 .env(var, "1"),
         )?;
