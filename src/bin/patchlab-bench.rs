@@ -144,8 +144,6 @@ fn run(args: Args) -> Res<()> {
         let source = ProbeSource { host: &host, golden: &golden, run_id: run_id.clone(), probe: Arc::new(Mutex::new(CellProbe::default())) };
         let cell_plan = patchlab::run::cell::CellPlan { platform: &platform.name, patch: &patch, clone_name: format!("patchlab-bench-{run_id}-cell{i}"), host: args.connect.clone() };
         let probe_phase = source.probe.clone();
-        let cell_started = Instant::now();
-        probe_phase.lock().unwrap().origin = Some(cell_started);
         let on_phase = move |name: &str| {
             let mut p = probe_phase.lock().unwrap();
             p.phase = name.to_string();
@@ -455,7 +453,7 @@ struct CellProbe {
     rss_bytes: u64,
     /// Every agent request and phase change, in order: where a cell's time goes.
     timeline: Vec<Event>,
-    /// When the cell began (its first phase), the origin of `timeline`.
+    /// When the cell began (its first phase, the first note), the origin of `timeline`.
     origin: Option<Instant>,
 }
 
@@ -541,15 +539,16 @@ impl AgentChannel for TimedChannel {
         let req: Value = serde_json::from_str(request).unwrap_or(Value::Null);
         let rep: Value = serde_json::from_str(&reply).unwrap_or(Value::Null);
         let ret = &rep["return"];
+        let execute = req["execute"].as_str().unwrap_or("");
         {
-            let what = match req["execute"].as_str().unwrap_or("") {
+            let what = match execute {
                 "guest-exec" => format!("guest-exec {} {}", req["arguments"]["path"].as_str().unwrap_or(""), req["arguments"]["arg"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default().chars().take(60).collect::<String>()),
                 "guest-exec-status" => format!("guest-exec-status exited={}", ret["exited"]),
                 other => other.to_string(),
             };
             self.probe.lock().unwrap().note(sent, now.duration_since(sent).as_secs_f64() * 1000.0, what);
         }
-        match req["execute"].as_str().unwrap_or("") {
+        match execute {
             "guest-exec" => {
                 if let Some(pid) = ret["pid"].as_i64() {
                     self.running.lock().unwrap().insert(pid, (sent, now));
